@@ -1,0 +1,324 @@
+"""Calibration data and statistics, collected once and shared by methods.
+
+Statistics are taken on the **original** model with forward hooks (and one
+backward pass per batch for gradient statistics), accumulated in float64 per
+layer - activations are never stored. Linears that read the same input (q/k/v,
+gate/up) share one input statistic: the engine detects them on the first batch.
+
+Each statistic is cached on disk under a key made of the model identity (a
+hash of its weights), the calibration data checksum and every calibration
+setting; an entry is verified (sha256 of its file) before use and rebuilt
+with a log line when it is corrupted or does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench import hookimpl
+from bench.errors import UsageError
+from bench.models import Target, cache_root
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SOURCES = {"wikitext2": "wikitext2/wiki.valid.tokens", "c4": "c4/c4_validation_2k.jsonl.gz"}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which calibration text, how many random windows of what length, which seed.
+
+    Defaults are sized for two CPU cores; the papers use 256 x 2048 tokens of
+    WikiText-2 train (seed 3). WikiText-2 train is not available offline, so
+    the validation split stands in (never a test split); ``c4`` uses the
+    1,000 vendored C4 documents that evaluation does not read.
+    """
+
+    dataset: str = "wikitext2"
+    samples: int = 32
+    seqlen: int = 512
+    seed: int = 3
+
+    def __post_init__(self):
+        if self.dataset not in CALIBRATION_SOURCES:
+            raise UsageError(f"unknown calibration dataset '{self.dataset}'; use one of: {', '.join(CALIBRATION_SOURCES)}")
+        if self.samples < 1 or self.seqlen < 2:
+            raise UsageError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+
+
+def calibration_text(dataset: str) -> str:
+    from tasks.perplexity import c4_rows, wikitext2_rows
+
+    if dataset == "wikitext2":
+        return "\n\n".join(wikitext2_rows(CALIBRATION_SOURCES["wikitext2"]))
+    return "\n\n".join(c4_rows(part="calibration"))
+
+
+def calibration_checksum(dataset: str) -> str:
+    from tasks.data import checksums
+
+    return checksums()[CALIBRATION_SOURCES[dataset]]
+
+
+def calibration_batches(tokenizer, config: CalibrationConfig) -> torch.Tensor:
+    """``samples x seqlen`` token windows at seeded random offsets."""
+    ids = tokenizer(calibration_text(config.dataset), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if ids.numel() <= config.seqlen:
+        raise UsageError(f"calibration text has {ids.numel()} tokens, fewer than --calib-seqlen {config.seqlen}")
+    generator = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, ids.numel() - config.seqlen, (config.samples,), generator=generator)
+    return torch.stack([ids[s:s + config.seqlen] for s in starts.tolist()])
+
+
+# --------------------------------------------------------------------------- statistics
+
+class Statistic:
+    """A calibration statistic. Subclasses accumulate in float64.
+
+    Forward statistics (``needs_backward = False``) observe the input of each
+    distinct input group (``key`` = the first target reading it, ``tensor`` =
+    tokens x in_features). Backward statistics observe each target's weight
+    gradient of the LM loss, once per calibration sample (``key`` = target
+    name, ``tensor`` = out x in).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs_backward: ClassVar[bool] = False
+    version: ClassVar[str] = "1"
+
+    def start(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def observe(self, key: str, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _add(self, key: str, value: torch.Tensor, count: int) -> None:
+        if key in self.sums:
+            self.sums[key] += value
+        else:
+            self.sums[key] = value.clone()
+        self.counts[key] = self.counts.get(key, 0) + count
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return self.sums
+
+
+class Gram(Statistic):
+    name = "gram"
+    description = "G = X X^T per input group (sum over calibration tokens, float64)"
+
+    def observe(self, key, tensor):
+        x = tensor.double()
+        self._add(key, x.T @ x, x.shape[0])
+
+
+class AbsMean(Statistic):
+    name = "abs_mean"
+    description = "mean |x| per input channel (ASVD)"
+
+    def observe(self, key, tensor):
+        self._add(key, tensor.double().abs().sum(0), tensor.shape[0])
+
+    def result(self):
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+class Fisher(Statistic):
+    name = "fisher"
+    description = "mean squared LM-loss gradient per weight, summed over output rows: one value per input channel (FWSVD)"
+    needs_backward = True
+
+    def observe(self, key, tensor):
+        self._add(key, tensor.double().pow(2).sum(0), 1)
+
+    def result(self):
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+class GradNorm(Statistic):
+    name = "grad_norm"
+    description = "mean Frobenius norm of the LM-loss gradient per weight matrix (DipSVD importance)"
+    needs_backward = True
+
+    def observe(self, key, tensor):
+        self._add(key, tensor.double().norm().reshape(1), 1)
+
+    def result(self):
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+@hookimpl
+def register_statistics(register):
+    for statistic in (Gram(), AbsMean(), Fisher(), GradNorm()):
+        register(statistic)
+
+
+# --------------------------------------------------------------------------- engine
+
+@dataclass
+class CalibrationStats:
+    """Collected statistics, looked up by statistic and target name."""
+
+    values: dict[str, dict[str, torch.Tensor]]
+    input_group: dict[str, str]  # target name -> the target whose input it shares
+
+    def get(self, statistic: str, target: str) -> torch.Tensor:
+        if statistic not in self.values:
+            raise KeyError(f"statistic '{statistic}' was not collected; list it in the method's `requires`")
+        table = self.values[statistic]
+        return table[target] if target in table else table[self.input_group[target]]
+
+
+def _forward_pass(model: nn.Module, targets: list[Target], batches: torch.Tensor,
+                  statistics: list[Statistic], device) -> dict[str, str]:
+    """One no-grad pass feeding every forward statistic; returns the input groups."""
+    groups: dict[str, str] = {}
+    last: dict = {"tensor": None, "target": None}
+    first_batch = True
+
+    def hook(target: Target):
+        def observe(_module, inputs, _output):
+            x = inputs[0].detach()
+            if first_batch:
+                same = last["tensor"] is x
+                groups[target.name] = groups[last["target"]] if same else target.name
+                last["tensor"], last["target"] = x, target.name
+            if groups[target.name] != target.name:
+                return
+            flat = x.reshape(-1, x.shape[-1])
+            for statistic in statistics:
+                statistic.observe(target.name, flat)
+        return observe
+
+    handles = [model.get_submodule(t.name).register_forward_hook(hook(t)) for t in targets]
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="calibration (forward)", leave=False, unit="sample"):
+                model(batch[None].to(device), use_cache=False)
+                first_batch = False
+                last["tensor"] = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups
+
+
+def _backward_pass(model: nn.Module, targets: list[Target], batches: torch.Tensor,
+                   statistics: list[Statistic], device) -> None:
+    """Forward + backward per sample, feeding every gradient statistic."""
+    modules = {t.name: model.get_submodule(t.name) for t in targets}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in modules.values():
+        module.weight.requires_grad_(True)
+    try:
+        for batch in tqdm(batches, desc="calibration (gradients)", leave=False, unit="sample"):
+            ids = batch[None].to(device)
+            loss = model(ids, labels=ids, use_cache=False).loss  # HF shifts the labels itself
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite calibration loss ({float(loss)}) on the original model")
+            loss.backward()
+            for name, module in modules.items():
+                for statistic in statistics:
+                    statistic.observe(name, module.weight.grad)
+                module.weight.grad = None
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+
+
+class StatisticsCache:
+    """Verified on-disk cache of statistics: ``<key>.safetensors`` + ``<key>.json``."""
+
+    def __init__(self, root: Path | None = None):
+        default = os.environ.get("SVDBENCH_STATS_CACHE") or cache_root() / "stats"
+        self.root = Path(root) if root else Path(default)
+
+    @staticmethod
+    def key(fields: dict) -> str:
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+    def load(self, fields: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        key = self.key(fields)
+        data, meta = self.root / f"{key}.safetensors", self.root / f"{key}.json"
+        if not meta.exists() and not data.exists():
+            return None
+        try:
+            info = json.loads(meta.read_text())
+            if info["fields"] != fields:
+                raise ValueError("its settings do not match")
+            digest = hashlib.sha256(data.read_bytes()).hexdigest()
+            if digest != info["sha256"]:
+                raise ValueError("its checksum does not match")
+            return load_file(data), info["groups"]
+        except (OSError, ValueError, KeyError) as error:
+            log.warning("statistics cache entry %s (%s) is unusable: %s; rebuilding it", key, fields.get("statistic"), error)
+            return None
+
+    def save(self, fields: dict, values: dict[str, torch.Tensor], groups: dict[str, str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        key = self.key(fields)
+        data, meta = self.root / f"{key}.safetensors", self.root / f"{key}.json"
+        tmp = data.with_suffix(".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in values.items()}, tmp)
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, data)
+        meta.write_text(json.dumps({"fields": fields, "sha256": digest, "groups": groups}, indent=1))
+
+
+def collect_statistics(model: nn.Module, model_identity: str, targets: list[Target], batches: torch.Tensor,
+                       config: CalibrationConfig, statistics: list[Statistic], device="cpu",
+                       cache: StatisticsCache | None = None) -> CalibrationStats:
+    """Statistics for ``targets``, from the cache where possible, collected otherwise."""
+    cache = cache or StatisticsCache()
+    values: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, str] = {}
+    fields_of = {s.name: {"statistic": s.name, "version": s.version, "model": model_identity,
+                          "calibration": asdict(config), "data_sha256": calibration_checksum(config.dataset),
+                          "targets": [t.name for t in targets]} for s in statistics}
+    missing = []
+    for statistic in statistics:
+        hit = cache.load(fields_of[statistic.name])
+        if hit is None:
+            missing.append(statistic)
+        else:
+            values[statistic.name], found_groups = hit
+            groups.update(found_groups)
+    forward = [s for s in missing if not s.needs_backward]
+    backward = [s for s in missing if s.needs_backward]
+    for statistic in missing:
+        statistic.start()
+    was_training = model.training
+    model.eval()
+    if forward:
+        log.info("collecting %s on %d x %d calibration tokens", ", ".join(s.name for s in forward), *batches.shape)
+        groups.update(_forward_pass(model, targets, batches, forward, device))
+    if backward:
+        log.info("collecting %s (gradients) on %d x %d calibration tokens", ", ".join(s.name for s in backward), *batches.shape)
+        _backward_pass(model, targets, batches, backward, device)
+    model.train(was_training)
+    for statistic in missing:
+        result = statistic.result()
+        for key, tensor in result.items():
+            if not torch.isfinite(tensor).all():
+                raise FloatingPointError(f"statistic '{statistic.name}' is non-finite for {key}")
+        values[statistic.name] = result
+        cache.save(fields_of[statistic.name], result, groups if not statistic.needs_backward else {})
+    for target in targets:
+        groups.setdefault(target.name, target.name)
+    return CalibrationStats(values=values, input_group=groups)

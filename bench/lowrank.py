@@ -1,0 +1,175 @@
+"""Low-rank factorization: the rank formula, the shared ``SVD(W S)`` math and
+the two-linear layer that replaces a compressed ``nn.Linear``.
+
+Notation follows METHODS.md: a linear computes ``y = W x`` with ``W`` of shape
+``m x n`` (out x in). A method chooses a right transform ``S`` (identity for
+vanilla SVD, a diagonal for ASVD/FWSVD, a Cholesky factor for SVD-LLM, ...);
+``SVD(W S) = U Sigma V^T`` and the rank-``r`` factors are
+``W_u = U_r Sigma_r^(1/2)`` and ``W_v = Sigma_r^(1/2) V_r^T S^(-1)``.
+Truncation is the last step, so one decomposition serves every ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def rank_for_ratio(m: int, n: int, ratio: float) -> int:
+    """Rank that removes ``ratio`` of an ``m x n`` matrix's parameters.
+
+    ``r = floor(m*n*(1-ratio)/(m+n))``, at least 1 (the SVD-LLM code's
+    definition). Callers keep the layer dense when ``r*(m+n) >= m*n``.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    return max(1, math.floor(m * n * (1.0 - ratio) / (m + n)))
+
+
+def is_worth_factorizing(m: int, n: int, rank: int) -> bool:
+    """Whether two factors of this rank hold fewer parameters than ``W``."""
+    return rank * (m + n) < m * n
+
+
+class RightTransform:
+    """The ``S`` of ``SVD(W S)``: how a method weights the input channels."""
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return ``W S``."""
+        raise NotImplementedError
+
+    def solve(self, vt: torch.Tensor) -> torch.Tensor:
+        """Return ``Vt S^(-1)`` (computed with a solve, not an inverse)."""
+        raise NotImplementedError
+
+
+class Identity(RightTransform):
+    """``S = I``: vanilla SVD."""
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def solve(self, vt: torch.Tensor) -> torch.Tensor:
+        return vt
+
+
+@dataclass
+class Diagonal(RightTransform):
+    """``S = diag(scale)``: per-input-channel scaling (ASVD, FWSVD)."""
+
+    scale: torch.Tensor
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.scale.to(weight)[None, :]
+
+    def solve(self, vt: torch.Tensor) -> torch.Tensor:
+        return vt / self.scale.to(vt)[None, :]
+
+
+@dataclass
+class LowerTriangular(RightTransform):
+    """``S = L`` lower triangular (Cholesky whitening of SVD-LLM)."""
+
+    factor: torch.Tensor
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight @ self.factor.to(weight)
+
+    def solve(self, vt: torch.Tensor) -> torch.Tensor:
+        # X L = Vt  <=>  L^T X^T = Vt^T
+        lt = self.factor.to(vt).T
+        return torch.linalg.solve_triangular(lt, vt.T, upper=True).T
+
+
+@dataclass
+class Eigen(RightTransform):
+    """``S = U_s Lambda^(1/2)`` from ``G = U_s Lambda U_s^T`` (SVD-LLM V2).
+
+    ``S^(-1) = Lambda^(-1/2) U_s^T``; callers damp ``Lambda`` beforehand so
+    every eigenvalue is positive.
+    """
+
+    vectors: torch.Tensor
+    values: torch.Tensor
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight @ self.vectors.to(weight)) * self.values.to(weight).sqrt()[None, :]
+
+    def solve(self, vt: torch.Tensor) -> torch.Tensor:
+        return (vt / self.values.to(vt).sqrt()[None, :]) @ self.vectors.to(vt).T
+
+
+@dataclass
+class Factorization:
+    """A ratio-independent decomposition of one matrix, truncated on demand.
+
+    ``u`` is ``m x k``, ``s`` holds the ``k`` singular values of ``W S`` in
+    descending order and ``vt`` is ``k x n`` with ``S^(-1)`` already applied,
+    so ``W ~= u[:, :r] diag(s[:r]) vt[:r]`` at every rank ``r``.
+    """
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vt: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.u.shape[0], self.vt.shape[1]
+
+    def factors(self, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_u, W_v)`` at ``rank``, each carrying ``Sigma^(1/2)``."""
+        root = self.s[:rank].sqrt()
+        w_u = self.u[:, :rank] * root[None, :]
+        w_v = root[:, None] * self.vt[:rank]
+        return w_u.to(dtype).contiguous(), w_v.to(dtype).contiguous()
+
+    def truncation_loss(self, rank: int) -> float:
+        """Sum of the squared singular values dropped at ``rank``."""
+        return float((self.s[rank:].double() ** 2).sum())
+
+    def normalized_loss(self, rank: int) -> float:
+        """``sqrt(truncated energy / total energy)`` of the spectrum, in [0, 1]."""
+        total = float((self.s.double() ** 2).sum())
+        return math.sqrt(self.truncation_loss(rank) / total) if total > 0 else 0.0
+
+
+def factorize(weight: torch.Tensor, transform: RightTransform | None = None) -> Factorization:
+    """Exact float64 SVD of ``W S``, returned as a :class:`Factorization`."""
+    w = weight.detach().to(torch.float64)
+    transform = transform or Identity()
+    u, s, vt = torch.linalg.svd(transform.apply(w), full_matrices=False)
+    vt = transform.solve(vt)
+    for name, t in (("U", u), ("singular values", s), ("V^T S^-1", vt)):
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(f"non-finite {name} in the SVD of a {tuple(w.shape)} matrix ({type(transform).__name__} transform)")
+    return Factorization(u=u, s=s, vt=vt)
+
+
+class LowRankLinear(nn.Module):
+    """``y = W_u (W_v x) + b``: two linears replacing one ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)  # W_v
+        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)  # W_u
+
+    @classmethod
+    def from_factors(cls, w_u: torch.Tensor, w_v: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
+        layer = cls(w_v.shape[1], w_u.shape[0], w_u.shape[1], bias is not None, dtype=w_u.dtype, device=w_u.device)
+        with torch.no_grad():
+            layer.up.weight.copy_(w_u)
+            layer.down.weight.copy_(w_v)
+            if bias is not None:
+                layer.up.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

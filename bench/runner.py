@@ -1,0 +1,274 @@
+"""The harness: one model, one calibration set, one evaluation, every method.
+
+For each method the runner collects the statistics it needs (shared and
+cached), decomposes every matrix once, then for each ratio allocates ranks,
+builds the compressed model, refines it and evaluates every task. Each
+finished evaluation is written to results.json at once; a method that fails
+is recorded in ``failures`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.calibration import CalibrationConfig, calibration_batches, calibration_checksum, collect_statistics
+from bench.compress import accounting, compress_model
+from bench.errors import UsageError
+from bench.method import Context, Method
+from bench.models import DEFAULT_MODEL, LoadedModel, cache_root, find_targets, footprint, load_model
+from bench.plugins import Registry, load_registry
+from bench.results import Results, record_key
+from bench.task import EvalSettings
+
+log = logging.getLogger(__name__)
+
+DENSE = "dense"
+PACKAGES = ("svdbench", "torch", "transformers", "pluggy", "safetensors", "tokenizers", "lm_eval", "peft", "hqq", "numpy")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (recorded whole in the manifest)."""
+
+    model: str = DEFAULT_MODEL
+    methods: list[str] = field(default_factory=lambda: ["svd"])
+    ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6])
+    tasks: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    limit: int | None = None
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    method_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    plugins_dirs: list[str] = field(default_factory=list)
+    out: str = "runs/latest"
+
+    def validate(self, registry: Registry) -> None:
+        for ratio in self.ratios:
+            if not 0.0 < ratio < 1.0:
+                raise UsageError(f"ratio {ratio} is outside (0, 1); give the fraction of parameters to remove, e.g. --ratios 0.2,0.4")
+        for name in self.methods:
+            registry.get("method", name)
+        for name in self.tasks:
+            registry.get("task", name)
+        for name in self.method_options:
+            if name not in self.methods:
+                raise UsageError(f"--method-option names method '{name}', which is not in --methods")
+        if self.seqlen < 2:
+            raise UsageError("--seqlen must be at least 2")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {self.device} but CUDA is not available; use --device cpu")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Runner:
+    """Runs a :class:`RunConfig` into ``config.out``."""
+
+    def __init__(self, config: RunConfig, registry: Registry | None = None, loaded: LoadedModel | None = None):
+        self.config = config
+        self.registry = registry or load_registry(config.plugins_dirs)
+        config.validate(self.registry)
+        self.loaded = loaded
+        self.results = Results(config.out)
+        self.settings = EvalSettings(seqlen=config.seqlen, limit=config.limit, batch_size=config.batch_size,
+                                     device=config.device)
+        self.timings: dict[str, float] = {}
+        self._batches = None
+        self._stats = {}
+        self._group: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _timed(self, label: str, start: float) -> None:
+        self.timings[label] = round(time.perf_counter() - start, 3)
+        self.results.manifest["timings"] = self.timings
+
+    def method_config(self, method: Method):
+        return method.make_config(**self.config.method_options.get(method.name, {}))
+
+    def uses_calibration(self, method: Method) -> bool:
+        return bool(method.requires) or method.needs_calibration_data
+
+    def eval_key(self, method_name: str, config_dict: dict, ratio: float, task_name: str, calibrated: bool) -> str:
+        task = self.registry.get("task", task_name)
+        return record_key(model=self.loaded.identity, method=method_name, config=config_dict, ratio=ratio,
+                          task=task_name, settings=task.settings_key(self.settings), dtype=self.config.dtype,
+                          calibration=dataclasses.asdict(self.config.calibration) if calibrated else None)
+
+    def plan(self) -> list[tuple[str, dict, float, str, str]]:
+        """(method, config, ratio, task, key) for every evaluation of the run."""
+        rows = [(DENSE, {}, 0.0, task, self.eval_key(DENSE, {}, 0.0, task, False)) for task in self.config.tasks]
+        for name in self.config.methods:
+            method = self.registry.get("method", name)
+            cfg = dataclasses.asdict(self.method_config(method))
+            for ratio in self.config.ratios:
+                for task in self.config.tasks:
+                    rows.append((name, cfg, ratio, task, self.eval_key(name, cfg, ratio, task, self.uses_calibration(method))))
+        return rows
+
+    def write_manifest(self) -> None:
+        task_checksums = {}
+        for name in self.config.tasks:
+            task_checksums.update(self.registry.get("task", name).data_checksums())
+        config = dataclasses.asdict(self.config)
+        self.results.manifest.update({
+            "svdbench_command": " ".join(sys.argv),
+            "config": config,
+            "model": {"name": self.loaded.name, "source": self.loaded.source, "identity": self.loaded.identity,
+                      **self.loaded.info, **self.dense_footprint},
+            "versions": package_versions(),
+            "git_revision": git_revision(),
+            "seeds": {"calibration": self.config.calibration.seed, "torch": torch.initial_seed()},
+            "data_checksums": {"tasks": task_checksums,
+                               "calibration": {self.config.calibration.dataset: calibration_checksum(self.config.calibration.dataset)}},
+            "ratio_definition": "fraction of each compressed matrix's parameters removed: rank = floor(m*n*(1-ratio)/(m+n))",
+            "method_configs": {name: dataclasses.asdict(self.method_config(self.registry.get("method", name)))
+                               for name in self.config.methods},
+            "timings": self.timings,
+        })
+        self.results.save()
+
+    # ------------------------------------------------------------------ stages
+    def evaluate(self, model, method_name: str, config_dict: dict, ratio: float, compression_id: str | None,
+                 summary: dict, calibrated: bool) -> None:
+        for task_name in self.config.tasks:
+            key = self.eval_key(method_name, config_dict, ratio, task_name, calibrated)
+            if self.results.done(key):
+                continue
+            task = self.registry.get("task", task_name)
+            start = time.perf_counter()
+            measurements = task.evaluate(model, self.loaded.tokenizer, self.settings)
+            self._timed(f"evaluate:{method_name}:{ratio}:{task_name}", start)
+            self.results.add([{
+                "model": self.loaded.name, "method": method_name, "ratio": ratio, "task": task_name,
+                "metric": m.metric, "value": m.value, "higher_is_better": task.higher_is_better.get(m.metric),
+                "extra": m.extra, "params": summary["params"], "bytes": summary["bytes"],
+                "accounting": summary, "compression": compression_id, "config": config_dict, "key": key,
+                "seconds": self.timings[f"evaluate:{method_name}:{ratio}:{task_name}"],
+            } for m in measurements])
+            log.info("%s %.2f %s: %s", method_name, ratio, task_name,
+                     ", ".join(f"{m.metric}={m.value:.4g}" for m in measurements))
+
+    def calibration_batches(self):
+        if self._batches is None:
+            self._batches = calibration_batches(self.loaded.tokenizer, self.config.calibration)
+        return self._batches
+
+    def statistics_for(self, method: Method):
+        missing = [name for name in method.requires if name not in self._stats]
+        if missing:
+            statistics = [self.registry.get("statistic", name) for name in missing]
+            start = time.perf_counter()
+            collected = collect_statistics(self.loaded.model, self.loaded.identity, self.targets,
+                                           self.calibration_batches(), self.config.calibration, statistics,
+                                           device=self.config.device)
+            self._timed(f"statistics:{','.join(missing)}", start)
+            self._group = collected.input_group
+            for name in missing:
+                self._stats[name] = collected.values[name]
+        if not method.requires:
+            return None
+        from bench.calibration import CalibrationStats
+
+        return CalibrationStats({n: self._stats[n] for n in method.requires}, self._group)
+
+    def run_method(self, name: str) -> None:
+        method = self.registry.get("method", name)
+        config = self.method_config(method)
+        config_dict = dataclasses.asdict(config)
+        calibrated = self.uses_calibration(method)
+        todo = [r for r in self.config.ratios
+                if not all(self.results.done(self.eval_key(name, config_dict, r, t, calibrated)) for t in self.config.tasks)]
+        if not todo:
+            log.info("%s: every ratio already evaluated; reusing results", name)
+            return
+        context = Context(model=self.loaded.model, tokenizer=self.loaded.tokenizer, targets=self.targets,
+                          stats=self.statistics_for(method), calibration=self.calibration_batches() if calibrated else None,
+                          device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
+        start = time.perf_counter()
+        factorizations = {t.name: method.decompose(t, context.weight(t), context, config)
+                          for t in tqdm(self.targets, desc=f"{name}: decompose", leave=False, unit="matrix")}
+        self._timed(f"decompose:{name}", start)
+        for ratio in todo:
+            stage = "allocate"
+            try:
+                start = time.perf_counter()
+                ranks = method.allocate(ratio, factorizations, context, config)
+                stage = "compress"
+                model, layers = compress_model(self.loaded.model, self.targets, factorizations, ranks)
+                stage = "refine"
+                refined = method.refine(model, ratio, context, config)
+                self._timed(f"compress:{name}:{ratio}", start)
+                compression_id = record_key(model=self.loaded.identity, method=name, config=config_dict, ratio=ratio)
+                summary = accounting(model, layers, self.dense_footprint)
+                self.results.add_compression(compression_id, {"method": name, "ratio": ratio, "config": config_dict,
+                                                              "summary": summary, "refine": refined, "layers": layers})
+                stage = "evaluate"
+                self.evaluate(model, name, config_dict, ratio, compression_id, summary, calibrated)
+                del model
+            except (KeyboardInterrupt, UsageError):
+                raise
+            except Exception as error:  # one failing ratio must not take the run down
+                self.fail(name, ratio, stage, error)
+
+    def fail(self, name: str, ratio: float | None, stage: str, error: Exception) -> None:
+        log.error("%s%s failed during %s: %s: %s", name, f" at ratio {ratio}" if ratio is not None else "",
+                  stage, type(error).__name__, error)
+        self.results.add_failure({"method": name, "ratio": ratio, "stage": stage,
+                                  "error": f"{type(error).__name__}: {error}",
+                                  "traceback": traceback.format_exc(limit=6)})
+
+    def run(self) -> Results:
+        start = time.perf_counter()
+        if self.loaded is None:
+            self.loaded = load_model(self.config.model, self.config.device, getattr(torch, self.config.dtype))
+        self._timed("load_model", start)
+        self.targets = find_targets(self.loaded.model)
+        self.dense_footprint = footprint(self.loaded.model)
+        self.results.keep_only({row[-1] for row in self.plan()})
+        self.write_manifest()
+        self.evaluate(self.loaded.model, DENSE, {}, 0.0, None,
+                      accounting(self.loaded.model, None, self.dense_footprint), False)
+        for name in self.config.methods:
+            try:
+                self.run_method(name)
+            except (KeyboardInterrupt, UsageError):
+                raise
+            except Exception as error:
+                self.fail(name, None, "decompose", error)
+        self._timed("total", start)
+        self.results.save()
+        return self.results

@@ -1,0 +1,1 @@
+"""Built-in compression methods, one plugin module each (see METHODS.md)."""

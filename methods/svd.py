@@ -1,0 +1,22 @@
+"""Vanilla truncated SVD (``svd``): ``S = I``, blind to data.
+
+Optimal in ``||W - W'||_F`` (Eckart-Young) but not in the layer's output
+error, which is why it collapses early on LLMs (SVD-LLM Table 1).
+"""
+
+from __future__ import annotations
+
+from bench import Factorization, Method, factorize, hookimpl
+
+
+class VanillaSVD(Method):
+    name = "svd"
+    description = "truncated SVD of each weight matrix (no calibration data)"
+
+    def decompose(self, target, weight, context, config) -> Factorization:
+        return factorize(weight)
+
+
+@hookimpl
+def register_methods(register):
+    register(VanillaSVD())

@@ -1,0 +1,1 @@
+"""Renderers: every table, CSV and plot is made from results.json alone."""
