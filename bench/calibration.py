@@ -191,14 +191,14 @@ def _forward_pass(model: nn.Module, targets: list[Target], batches: torch.Tensor
 
     def hook(target: Target):
         def observe(_module, inputs, _output):
-            x = inputs[0].detach()
+            x = inputs[0]  # the very object: q/k/v (gate/up) receive the same one
             if first_batch:
                 same = last["tensor"] is x
                 groups[target.name] = groups[last["target"]] if same else target.name
                 last["tensor"], last["target"] = x, target.name
             if groups[target.name] != target.name:
                 return
-            flat = x.reshape(-1, x.shape[-1])
+            flat = x.detach().reshape(-1, x.shape[-1])
             for statistic in statistics:
                 statistic.observe(target.name, flat)
         return observe

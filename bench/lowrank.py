@@ -173,3 +173,35 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def cholesky_whitening(gram: torch.Tensor) -> tuple[LowerTriangular, float]:
+    """``S = cholesky(G)`` (SVD-LLM). Returns the transform and the shift used.
+
+    When ``G`` is not positive definite the reference adds
+    ``(-lambda_min + 1e-6) I`` and retries; the shift is returned so callers can
+    log which layer needed it (0.0 when none was needed).
+    """
+    g = gram.to(torch.float64)
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return LowerTriangular(factor), 0.0
+    shift = float(-torch.linalg.eigvalsh(g).min()) + 1e-6
+    factor, info = torch.linalg.cholesky_ex(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+    if int(info) != 0:
+        raise FloatingPointError(f"Cholesky failed even after shifting the gram by {shift:.3g}")
+    return LowerTriangular(factor), shift
+
+
+def eigen_whitening(gram: torch.Tensor, delta: float = 0.0) -> Eigen:
+    """``S = U_s (Lambda + delta*mean(Lambda))^(1/2)`` from ``eigh(G)`` (SVD-LLM V2).
+
+    Never fails on a singular ``G``: eigenvalues are clamped at zero and damped
+    by ``delta * mean(Lambda)``; with ``delta = 0`` eigenvalues at or below a
+    tolerance are replaced by that tolerance (a pseudo-inverse-like limit).
+    """
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    values = values.clamp_min(0)
+    tolerance = float(values.max()) * values.shape[0] * torch.finfo(torch.float64).eps
+    values = values + delta * float(values.mean()) if delta > 0 else values.clamp_min(max(tolerance, 1e-300))
+    return Eigen(vectors=vectors, values=values)

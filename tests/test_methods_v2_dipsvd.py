@@ -1,0 +1,271 @@
+"""SVD-LLM V2 and DipSVD: whitening, allocation and end-to-end runs, on small random data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.calibration import CalibrationConfig, CalibrationStats, collect_statistics
+from bench.lowrank import cholesky_whitening, factorize, rank_for_ratio
+from bench.method import Context
+from bench.models import Target, find_targets
+from bench.plugins import load_registry
+from bench.results import load_results
+from bench.runner import RunConfig, Runner
+from methods.dipsvd import DipSVD, DipSVDConfig, layer_kept_fractions, protection
+from methods.svdllm_v2 import SVDLLMV2, SVDLLMV2Config
+
+from conftest import tiny_model
+
+
+def context_for(targets: list[Target], stats: dict[str, dict[str, torch.Tensor]] | None = None, model=None) -> Context:
+    return Context(model=model, tokenizer=None, targets=targets,
+                   stats=CalibrationStats(stats or {}, {}), calibration=None, device="cpu",
+                   cache_dir=Path("."), model_identity="test")
+
+
+def reconstruction(f, rank: int) -> torch.Tensor:
+    w_u, w_v = f.factors(rank, dtype=torch.float64)
+    return w_u @ w_v
+
+
+def channel_data(n: int, tokens: int, seed: int, spread: float = 1.0) -> torch.Tensor:
+    """``n x tokens`` correlated inputs whose channel scales differ by ``exp(+-spread)``."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    scales = torch.exp(spread * torch.randn(n, generator=g, dtype=torch.float64))
+    return scales[:, None] * (mix @ torch.randn(n, tokens, generator=g, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- SVD-LLM V2: two-round truncation
+
+def v2_factorization(weight: torch.Tensor, gram: torch.Tensor, **options):
+    target = Target("layer", 0, "mlp.up_proj", weight.shape[0], weight.shape[1], False)
+    method = SVDLLMV2()
+    return method.decompose(target, weight, context_for([target], {"gram": {"layer": gram}}), method.make_config(**options))
+
+
+@pytest.mark.parametrize("delta, tolerance", [("0", 1e-9), ("1e-6", 1e-5)])
+def test_v2_equals_cholesky_whitening_on_a_positive_definite_gram(delta, tolerance):
+    torch.manual_seed(0)
+    w = torch.randn(48, 64, dtype=torch.float64)
+    x = channel_data(64, 512, seed=1, spread=0.5)
+    gram = x @ x.T
+    assert float(torch.linalg.eigvalsh(gram).min()) > 0
+    cholesky = factorize(w, cholesky_whitening(gram)[0])
+    v2 = v2_factorization(w, gram, delta=delta)
+    for rank in (4, 16, 40):
+        expected, got = reconstruction(cholesky, rank), reconstruction(v2, rank)
+        assert float((got - expected).norm() / expected.norm()) < tolerance
+        # and the theorem's output error is the same
+        assert abs(float(((w - got) @ x).norm()) / float(((w - expected) @ x).norm()) - 1) < tolerance
+
+
+@pytest.mark.parametrize("delta", ["0", "1e-6", "0.01"])
+def test_v2_singular_gram_gives_finite_factors_of_the_right_rank(delta):
+    torch.manual_seed(0)
+    w = torch.randn(48, 64, dtype=torch.float64)
+    x = channel_data(64, 20, seed=2)  # 20 tokens < 64 channels: rank-20 gram
+    x[5] = 0  # and a dead channel
+    gram = x @ x.T
+    assert int(torch.linalg.matrix_rank(gram)) <= 20
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(gram)
+    f = v2_factorization(w, gram, delta=delta)
+    for rank in (5, 12, 30):
+        w_u, w_v = f.factors(rank, dtype=torch.float64)
+        assert w_u.shape == (48, rank) and w_v.shape == (rank, 64)
+        assert torch.isfinite(w_u).all() and torch.isfinite(w_v).all()
+        assert int(torch.linalg.matrix_rank(w_u @ w_v)) == rank
+    # directions the data never visited are kept, not zeroed: full rank gives back W
+    assert float((reconstruction(f, 48) - w).norm() / w.norm()) < 1e-6
+    # and below the data's rank it is data-aware: less output error than vanilla SVD
+    vanilla = factorize(w)
+    assert float(((w - reconstruction(f, 10)) @ x).norm()) < float(((w - reconstruction(vanilla, 10)) @ x).norm())
+
+
+# --------------------------------------------------------------------------- SVD-LLM V2: allocation
+
+def spectrum_matrix(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    k = min(m, n)
+    s = torch.exp(-decay * torch.arange(k, dtype=torch.float64) / k)
+    return u[:, :k] @ torch.diag(s) @ v[:, :k].T
+
+
+def heterogeneous_group():
+    """Two kinds over six blocks whose spectra decay at very different speeds."""
+    targets, factorizations = [], {}
+    decays = [0.5, 8.0, 2.0, 12.0, 1.0, 4.0]
+    for block, decay in enumerate(decays):
+        for kind, (m, n) in (("self_attn.q_proj", (48, 48)), ("mlp.down_proj", (48, 96))):
+            t = Target(f"model.layers.{block}.{kind}", block, kind, m, n, False)
+            targets.append(t)
+            factorizations[t.name] = factorize(spectrum_matrix(m, n, decay * (1.5 if "mlp" in kind else 1), seed=block))
+    return targets, factorizations
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_v2_allocation_keeps_each_group_budget_and_lowers_the_loss(ratio):
+    targets, factorizations = heterogeneous_group()
+    method = SVDLLMV2()
+    ranks = method.allocate(ratio, factorizations, context_for(targets), method.make_config())
+    for kind in {t.kind for t in targets}:
+        group = [t for t in targets if t.kind == kind]
+        step = group[0].out_features + group[0].in_features
+        uniform = {t.name: rank_for_ratio(t.out_features, t.in_features, ratio) for t in group}
+        budget = sum(uniform[t.name] * step for t in group)
+        used = sum(ranks[t.name] * step for t in group)
+        assert 0 <= budget - used < step * len(group)
+        assert len({ranks[t.name] for t in group}) > 1  # heterogeneous
+        loss = sum(factorizations[t.name].normalized_loss(ranks[t.name]) for t in group)
+        uniform_loss = sum(factorizations[t.name].normalized_loss(uniform[t.name]) for t in group)
+        assert loss < uniform_loss * 0.99
+        # monotone: a matrix that loses less at the uniform rank never keeps more rank
+        at_uniform = {t.name: factorizations[t.name].normalized_loss(uniform[t.name]) for t in group}
+        for a in group:
+            for b in group:
+                if at_uniform[a.name] < at_uniform[b.name]:
+                    assert ranks[a.name] <= ranks[b.name]
+
+
+def test_v2_linear_rule_and_greedy_option():
+    targets, factorizations = heterogeneous_group()
+    method = SVDLLMV2()
+    context = context_for(targets)
+    ratio = 0.4
+    uniform = {t.name: rank_for_ratio(t.out_features, t.in_features, ratio) for t in targets}
+    cost = {t.name: t.out_features + t.in_features for t in targets}
+    budget = sum(uniform[n] * cost[n] for n in uniform)
+    # the paper's linear form alone (t = 1) still keeps every group's budget
+    linear = method.allocate(ratio, factorizations, context, method.make_config(loss_exponents="1"))
+    for kind in {t.kind for t in targets}:
+        names = [t.name for t in targets if t.kind == kind]
+        assert 0 <= sum((uniform[n] - linear[n]) * cost[n] for n in names) < cost[names[0]] * len(names)
+    # greedy keeps the whole-model budget and removes less normalized energy than uniform
+    greedy = method.allocate(ratio, factorizations, context, method.make_config(allocation="greedy"))
+    used = sum(greedy[n] * cost[n] for n in greedy)
+    assert 0 <= budget - used < max(cost.values())
+    energy = lambda r: sum(factorizations[n].normalized_loss(r[n]) ** 2 for n in r)  # noqa: E731
+    assert energy(greedy) < energy(uniform) * 0.99
+    assert method.allocate(ratio, factorizations, context, method.make_config(allocation="uniform")) == uniform
+
+
+# --------------------------------------------------------------------------- DipSVD: channel protection
+
+def test_dipsvd_protection_lowers_the_protected_channels_error():
+    torch.manual_seed(0)
+    m, n, rank = 32, 100, 8
+    w = torch.randn(m, n, dtype=torch.float64)
+    x = channel_data(n, 600, seed=3, spread=1.0)
+    gram = x @ x.T
+    target = Target("layer", 0, "mlp.up_proj", m, n, False)
+    method = DipSVD()
+    config = method.make_config()
+    dip = method.decompose(target, w.float(), context_for([target], {"gram": {"layer": gram}}), config)
+    plain = factorize(w.float(), cholesky_whitening(gram)[0])
+    d = protection(gram, config.protect_fraction, config.protect_scale)
+    protected = torch.nonzero(d > 1).flatten()
+    assert protected.numel() == math.ceil(0.03 * n)
+    # the protected channels are the ones with the largest gram columns
+    assert set(protected.tolist()) == set(torch.topk(gram.norm(dim=0), protected.numel()).indices.tolist())
+    w32 = w.float().double()
+    err_dip, err_plain = w32 - reconstruction(dip, rank), w32 - reconstruction(plain, rank)
+    # the error on protected inputs: what channel j contributes to the output error, for j in P
+    on_protected = lambda e: float((e[:, protected] @ x[protected]).norm())  # noqa: E731
+    assert on_protected(err_dip) < 0.5 * on_protected(err_plain)
+    # the error on the protection-weighted inputs D X is what DipSVD minimizes
+    assert float((err_dip @ (d[:, None] * x)).norm()) < 0.9 * float((err_plain @ (d[:, None] * x)).norm())
+    # plain whitening stays optimal for the unweighted error (the price of protection)
+    assert float((err_plain @ x).norm()) <= float((err_dip @ x).norm()) * (1 + 1e-9)
+    # the factors reconstruct the original W (not W D^-1) at full rank
+    assert float((reconstruction(dip, m) - w32).norm() / w32.norm()) < 1e-8
+
+
+def test_folding_d_back_would_be_plain_whitening():
+    """Why dipsvd whitens W with chol(D G D) itself: chol(D G D) = D chol(G)."""
+    x = channel_data(40, 200, seed=4)
+    gram = x @ x.T
+    d = protection(gram, 0.1, 30.0)
+    assert torch.allclose(torch.linalg.cholesky(d[:, None] * gram * d[None, :]), d[:, None] * torch.linalg.cholesky(gram))
+
+
+# --------------------------------------------------------------------------- DipSVD: layer-wise ratios
+
+def test_layer_kept_fractions_clip_budget_and_order():
+    scores = {0: 1.0, 1: 5.0, 2: 2.0, 3: 9.0, 4: 3.0}
+    params = {l: 1000 for l in scores}
+    for target in (0.4, 0.6, 0.8, 0.95):
+        kept = layer_kept_fractions(scores, params, target, spread=0.25, low=0.3, high=0.98)
+        assert all(0.3 - 1e-12 <= f <= 0.98 + 1e-12 for f in kept.values())
+        assert sum(kept.values()) / len(kept) == pytest.approx(target, abs=1e-9)
+        order = sorted(scores, key=scores.get)
+        assert [kept[l] for l in order] == sorted(kept[l] for l in order)  # higher score keeps more
+    # spread around the target when nothing is clipped: +-0.25
+    kept = layer_kept_fractions(scores, params, 0.6, spread=0.25, low=0.3, high=0.98)
+    assert max(kept.values()) - min(kept.values()) == pytest.approx(0.5)
+    # a target outside the clip range widens it: every block gets the target
+    kept = layer_kept_fractions(scores, params, 0.2, spread=0.25, low=0.3, high=0.98)
+    assert all(f == pytest.approx(0.2) for f in kept.values())
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_dipsvd_allocation_meets_the_budget_within_the_clip(ratio):
+    model = tiny_model("llama", layers=4)
+    targets = find_targets(model)
+    registry = load_registry()
+    batches = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(model, "tiny-dipsvd", targets, batches, CalibrationConfig(samples=4, seqlen=32),
+                               [registry.get("statistic", "gram"), registry.get("statistic", "grad_norm")])
+    context = Context(model=model, tokenizer=None, targets=targets, stats=stats, calibration=None, device="cpu",
+                      cache_dir=Path("."), model_identity="tiny-dipsvd")
+    method = DipSVD()
+    config = method.make_config()
+    ranks = method.allocate(ratio, {}, context, config)
+    step = sum(t.out_features + t.in_features for t in targets)
+    budget = sum(t.out_features * t.in_features * (1 - ratio) for t in targets)
+    used = sum(ranks[t.name] * (t.out_features + t.in_features) for t in targets)
+    assert 0 <= budget - used < step
+    for t in targets:
+        kept = ranks[t.name] * (t.out_features + t.in_features) / (t.out_features * t.in_features)
+        one_step = (t.out_features + t.in_features) / (t.out_features * t.in_features)
+        assert config.min_kept - one_step <= kept <= config.max_kept
+    per_block = {t.block: ranks[t.name] for t in targets if t.kind == "self_attn.q_proj"}
+    assert len(set(per_block.values())) > 1  # layer-wise, not uniform
+    assert all(s > 0 and math.isfinite(s) for s in method.layer_scores(context, config).values())
+
+
+# --------------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("name", ["svdllm_v2", "dipsvd"])
+def test_runs_end_to_end_with_finite_perplexity(name, tiny, tmp_path):
+    config = RunConfig(methods=[name], ratios=[0.4], tasks=["wikitext2"], limit=1, seqlen=64,
+                       calibration=CalibrationConfig(samples=4, seqlen=64), out=str(tmp_path))
+    Runner(config, loaded=tiny).run()
+    data = load_results(tmp_path)
+    assert not data["failures"]
+    rows = {(r["method"], r["ratio"]): r for r in data["records"]}
+    assert set(rows) == {("dense", 0.0), (name, 0.4)}
+    assert math.isfinite(rows[(name, 0.4)]["value"])
+    assert rows[(name, 0.4)]["params"] < rows[("dense", 0.0)]["params"]
+    assert data["manifest"]["method_configs"][name] == rows[(name, 0.4)]["config"]
+    summary = data["compressions"][rows[(name, 0.4)]["compression"]]["summary"]
+    assert summary["target_ratio_achieved"] == pytest.approx(0.4, abs=0.03)
+
+
+def test_configs_reject_bad_options():
+    from bench.errors import UsageError
+
+    with pytest.raises(UsageError):
+        SVDLLMV2().make_config(allocation="best")
+    with pytest.raises(UsageError):
+        SVDLLMV2().make_config(loss_exponents="a,b")
+    with pytest.raises(UsageError):
+        DipSVD().make_config(min_kept="0.99")
+    assert SVDLLMV2().make_config(delta="0.01") == SVDLLMV2Config(delta=0.01)
+    assert DipSVD().make_config(protect_scale="10") == DipSVDConfig(protect_scale=10.0)

@@ -1,0 +1,84 @@
+"""Model structure discovery across families, accounting and identity."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bench.compress import compress_model
+from bench.lowrank import LowRankLinear, factorize
+from bench.method import uniform_ranks
+from bench.models import _cached_conversion_ok, find_targets, fingerprint, footprint
+from conftest import tiny_model
+
+EXPECTED_KINDS = {
+    "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "qwen2": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "gemma": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "opt": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED_KINDS))
+def test_targets_found_from_structure_and_compression_runs(family):
+    model = tiny_model(family)
+    targets = find_targets(model)
+    assert {t.kind for t in targets} == EXPECTED_KINDS[family]
+    assert len(targets) == 2 * len(EXPECTED_KINDS[family])
+    assert not any("embed" in t.name or "lm_head" in t.name for t in targets)
+    facts = {t.name: factorize(model.get_submodule(t.name).weight) for t in targets}
+    compressed, layers = compress_model(model, targets, facts, uniform_ranks(targets, 0.5))
+    assert any(isinstance(m, LowRankLinear) for m in compressed.modules())
+    assert isinstance(compressed.get_output_embeddings(), nn.Linear)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        out = compressed(ids).logits
+    assert out.shape == (2, 12, 256) and torch.isfinite(out).all()
+    assert footprint(compressed)["params"] < footprint(model)["params"]
+
+
+def test_grouped_query_attention_shapes():
+    targets = {t.kind: t for t in find_targets(tiny_model("llama"))}
+    assert targets["self_attn.k_proj"].out_features == targets["self_attn.q_proj"].out_features // 2
+
+
+def test_footprint_counts_tied_weights_once():
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    assert footprint(model)["params"] == sum(unique.values())
+    assert footprint(model)["bytes"] == 4 * sum(unique.values())
+
+
+def test_fingerprint_tells_models_apart():
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    assert fingerprint(a) == fingerprint(tiny_model(seed=0))
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_conversion_cache_detects_corruption(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    import hashlib
+    digest = hashlib.sha256(b"weights").hexdigest()
+    (tmp_path / "svdbench-source.json").write_text(json.dumps({"gguf_sha256": "g", "weights": {"model.safetensors": digest}}))
+    assert _cached_conversion_ok(tmp_path, "g")
+    assert not _cached_conversion_ok(tmp_path, "other-gguf")
+    weights.write_bytes(b"weightz")
+    assert not _cached_conversion_ok(tmp_path, "g")
+
+
+def test_smollm2_loads_offline_with_expected_structure(smollm2):
+    targets = find_targets(smollm2.model)
+    assert len(targets) == 30 * 7
+    assert smollm2.info["gguf_sha256"].startswith("b179c952")
+    assert footprint(smollm2.model)["params"] == 134_515_008
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = smollm2.model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert "Paris" in smollm2.tokenizer.decode(out[0, ids.shape[1]:])

@@ -1,0 +1,129 @@
+"""The harness end to end on a tiny model: records, resume, failures, CLI errors."""
+
+import json
+import math
+
+import pytest
+
+from bench import Method, factorize, hookimpl
+from bench.calibration import CalibrationConfig
+from bench.cli import main
+from bench.plugins import load_registry
+from bench.results import load_results
+from bench.runner import RunConfig, Runner
+from reports.tables import write_report
+
+SMALL = dict(tasks=["wikitext2"], limit=1, seqlen=32, calibration=CalibrationConfig(samples=2, seqlen=32))
+
+
+class Exploding(Method):
+    name = "exploding"
+
+    def decompose(self, target, weight, context, config):
+        raise RuntimeError("boom")
+
+
+class Plugin:
+    @hookimpl
+    def register_methods(self, register):
+        register(Exploding())
+
+
+def run(tiny, tmp_path, registry=None, **overrides):
+    config = RunConfig(model="tiny", out=str(tmp_path), **{**SMALL, **overrides})
+    return Runner(config, registry=registry, loaded=tiny).run()
+
+
+def test_run_writes_records_manifest_and_report(tiny, tmp_path):
+    results = run(tiny, tmp_path, methods=["svd"], ratios=[0.2, 0.6])
+    data = load_results(tmp_path)
+    rows = {(r["method"], r["ratio"]): r for r in data["records"]}
+    assert set(rows) == {("dense", 0.0), ("svd", 0.2), ("svd", 0.6)}
+    for r in data["records"]:
+        assert {"model", "method", "ratio", "task", "metric", "value", "params", "bytes"} <= set(r)
+        assert r["task"] == "wikitext2" and r["metric"] == "perplexity" and math.isfinite(r["value"])
+    assert rows[("svd", 0.6)]["params"] < rows[("svd", 0.2)]["params"] < rows[("dense", 0.0)]["params"]
+    compression = data["compressions"][rows[("svd", 0.2)]["compression"]]
+    assert len(compression["layers"]) == 14 and compression["summary"]["target_ratio_achieved"] >= 0.2
+    manifest = data["manifest"]
+    assert manifest["config"]["methods"] == ["svd"] and manifest["model"]["identity"] == tiny.identity
+    assert manifest["versions"]["torch"] and manifest["seeds"]["calibration"] == 3
+    assert manifest["data_checksums"]["tasks"]["wikitext2/wiki.test.raw"].startswith("173c87a5")
+    assert "load_model" in manifest["timings"] and "decompose:svd" in manifest["timings"]
+    report = write_report(results.data, tmp_path)[0].read_text()
+    assert "| svd | 60% |" in report and "| dense | 0% |" in report
+
+
+def test_rerun_reuses_finished_records(tiny, tmp_path, monkeypatch):
+    run(tiny, tmp_path, methods=["svd"], ratios=[0.2])
+    from tasks import perplexity as ppl
+
+    calls = []
+    real = ppl.PerplexityTask.evaluate
+    monkeypatch.setattr(ppl.PerplexityTask, "evaluate", lambda self, *a: calls.append(1) or real(self, *a))
+    run(tiny, tmp_path, methods=["svd"], ratios=[0.2])
+    assert calls == []
+    run(tiny, tmp_path, methods=["svd"], ratios=[0.2, 0.4])  # only the new ratio is evaluated
+    assert calls == [1]
+    assert len(load_results(tmp_path)["records"]) == 3
+
+
+def test_changed_settings_do_not_reuse_records(tiny, tmp_path):
+    run(tiny, tmp_path, methods=["svd"], ratios=[0.2])
+    run(tiny, tmp_path, methods=["svd"], ratios=[0.2], seqlen=16)
+    data = load_results(tmp_path)
+    assert len(data["records"]) == 2 and len(data["previous_records"]) == 2
+
+
+def test_one_failing_method_does_not_take_the_others_down(tiny, tmp_path):
+    registry = load_registry(extra=[("exploding", Plugin())])
+    results = run(tiny, tmp_path, registry=registry, methods=["exploding", "svd"], ratios=[0.4])
+    methods = {r["method"] for r in results.records}
+    assert methods == {"dense", "svd"}
+    [failure] = results.data["failures"]
+    assert failure["method"] == "exploding" and "boom" in failure["error"]
+    assert "exploding" in write_report(results.data, tmp_path)[0].read_text()
+
+
+def test_methods_none_evaluates_only_the_dense_model(tiny, tmp_path):
+    results = run(tiny, tmp_path, methods=[], ratios=[0.2])
+    assert {r["method"] for r in results.records} == {"dense"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--methods", "svdd"], "unknown method 'svdd'; did you mean 'svd'?"),
+    (["run", "--tasks", "wikitext"], "unknown task 'wikitext'; did you mean 'wikitext2'?"),
+    (["run", "--ratios", "1.2"], "ratio 1.2 is outside (0, 1)"),
+    (["run", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["run", "--method-option", "svd.rank"], "must look like METHOD.OPTION=VALUE"),
+    (["--plugins-dir", "/nonexistent", "plugins"], "is not a directory"),
+    (["report", "/nonexistent"], "no results at"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert main([*argv[:1], *argv[1:], *(["--out", str(tmp_path)] if argv[0] == "run" else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_example_plugin_from_the_readme_runs(tiny, tmp_path):
+    from pathlib import Path
+
+    registry = load_registry(plugins_dirs=[Path(__file__).parent.parent / "examples" / "plugins"])
+    results = run(tiny, tmp_path, registry=registry, methods=["colnorm_svd"], ratios=[0.4])
+    [record] = [r for r in results.records if r["method"] == "colnorm_svd"]
+    assert math.isfinite(record["value"]) and record["config"] == {"eps": 1e-6}
+
+
+def test_cli_run_on_the_real_model_resumes(tmp_path, capsys):
+    """The documented command, made small: real SmolLM2, one window, then a resume."""
+    argv = ["run", "--model", "smollm2-135m", "--methods", "svd", "--ratios", "0.2", "--tasks", "wikitext2",
+            "--limit", "1", "--seqlen", "128", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    dense = [r for r in first["records"] if r["method"] == "dense"][0]
+    assert 5 < dense["value"] < 100  # a trained model, not a random one
+    assert (tmp_path / "report.md").exists() and (tmp_path / "results.csv").exists()
+    assert main(argv) == 0
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert [r["value"] for r in second["records"]] == [r["value"] for r in first["records"]]
+    assert "decompose:svd" not in second["manifest"]["timings"]  # nothing recomputed
