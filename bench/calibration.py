@@ -173,13 +173,13 @@ class CalibrationStats:
     """Collected statistics, looked up by statistic and target name."""
 
     values: dict[str, dict[str, torch.Tensor]]
-    input_group: dict[str, str]  # target name -> the target whose input it shares
+    input_group: dict[str, str]  # target name -> the target whose input it shares (forward statistics only)
 
     def get(self, statistic: str, target: str) -> torch.Tensor:
         if statistic not in self.values:
             raise KeyError(f"statistic '{statistic}' was not collected; list it in the method's `requires`")
         table = self.values[statistic]
-        return table[target] if target in table else table[self.input_group[target]]
+        return table[target] if target in table else table[self.input_group.get(target, target)]
 
 
 def _forward_pass(model: nn.Module, targets: list[Target], batches: torch.Tensor,
@@ -319,6 +319,4 @@ def collect_statistics(model: nn.Module, model_identity: str, targets: list[Targ
                 raise FloatingPointError(f"statistic '{statistic.name}' is non-finite for {key}")
         values[statistic.name] = result
         cache.save(fields_of[statistic.name], result, groups if not statistic.needs_backward else {})
-    for target in targets:
-        groups.setdefault(target.name, target.name)
     return CalibrationStats(values=values, input_group=groups)

@@ -2,9 +2,10 @@
 
 For each method the runner collects the statistics it needs (shared and
 cached), decomposes every matrix once, then for each ratio allocates ranks,
-builds the compressed model, refines it and evaluates every task. Each
-finished evaluation is written to results.json at once; a method that fails
-is recorded in ``failures`` and the others go on.
+builds the compressed model, refines it and evaluates every task; for each
+memory budget it finds the smallest ratio that fits (``bench/budget.py``) and
+evaluates that model. Each finished evaluation is written to results.json at
+once; a method that fails is recorded in ``failures`` and the others go on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.calibration import CalibrationConfig, calibration_batches, calibration_checksum, collect_statistics
+from bench.budget import budget_bytes, fit_budget, parse_budget
 from bench.compress import accounting, compress_model
 from bench.errors import UsageError
 from bench.method import Context, Method
@@ -45,6 +47,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     methods: list[str] = field(default_factory=lambda: ["svd"])
     ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6])
+    budgets: list[str] = field(default_factory=list)  # bytes ("300MB") or fractions of the dense bytes ("0.75")
     tasks: list[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int = 2048
     limit: int | None = None
@@ -60,6 +63,8 @@ class RunConfig:
         for ratio in self.ratios:
             if not 0.0 < ratio < 1.0:
                 raise UsageError(f"ratio {ratio} is outside (0, 1); give the fraction of parameters to remove, e.g. --ratios 0.2,0.4")
+        for budget in self.budgets:
+            parse_budget(budget)
         for name in self.methods:
             registry.get("method", name)
         for name in self.tasks:
@@ -122,11 +127,17 @@ class Runner:
     def uses_calibration(self, method: Method) -> bool:
         return bool(method.requires) or method.needs_calibration_data
 
-    def eval_key(self, method_name: str, config_dict: dict, ratio: float, task_name: str, calibrated: bool) -> str:
+    def eval_key(self, method_name: str, config_dict: dict, ratio: float, task_name: str, calibrated: bool,
+                 budget: int | None = None) -> str:
+        """A record's resume key; a budget run is keyed by its budget in bytes instead of the ratio it finds."""
         task = self.registry.get("task", task_name)
-        return record_key(model=self.loaded.identity, method=method_name, config=config_dict, ratio=ratio,
+        target = {"ratio": ratio} if budget is None else {"budget": budget}
+        return record_key(model=self.loaded.identity, method=method_name, config=config_dict, **target,
                           task=task_name, settings=task.settings_key(self.settings), dtype=self.config.dtype,
                           calibration=dataclasses.asdict(self.config.calibration) if calibrated else None)
+
+    def budget_bytes(self, spec: str) -> int:
+        return budget_bytes(spec, self.dense_footprint["bytes"])
 
     def plan(self) -> list[tuple[str, dict, float, str, str]]:
         """(method, config, ratio, task, key) for every evaluation of the run."""
@@ -137,6 +148,10 @@ class Runner:
             for ratio in self.config.ratios:
                 for task in self.config.tasks:
                     rows.append((name, cfg, ratio, task, self.eval_key(name, cfg, ratio, task, self.uses_calibration(method))))
+            for spec in self.config.budgets:
+                for task in self.config.tasks:
+                    rows.append((name, cfg, None, task, self.eval_key(name, cfg, None, task, self.uses_calibration(method),
+                                                                      budget=self.budget_bytes(spec))))
         return rows
 
     def write_manifest(self) -> None:
@@ -163,9 +178,10 @@ class Runner:
 
     # ------------------------------------------------------------------ stages
     def evaluate(self, model, method_name: str, config_dict: dict, ratio: float, compression_id: str | None,
-                 summary: dict, calibrated: bool) -> None:
+                 summary: dict, calibrated: bool, budget: dict | None = None) -> None:
         for task_name in self.config.tasks:
-            key = self.eval_key(method_name, config_dict, ratio, task_name, calibrated)
+            key = self.eval_key(method_name, config_dict, ratio, task_name, calibrated,
+                                budget=budget["budget_bytes"] if budget else None)
             if self.results.done(key):
                 continue
             task = self.registry.get("task", task_name)
@@ -178,6 +194,7 @@ class Runner:
                 "extra": m.extra, "params": summary["params"], "bytes": summary["bytes"],
                 "accounting": summary, "compression": compression_id, "config": config_dict, "key": key,
                 "seconds": self.timings[f"evaluate:{method_name}:{ratio}:{task_name}"],
+                **({"budget": budget["budget"], "budget_fit": budget} if budget else {}),
             } for m in measurements])
             log.info("%s %.2f %s: %s", method_name, ratio, task_name,
                      ", ".join(f"{m.metric}={m.value:.4g}" for m in measurements))
@@ -196,7 +213,7 @@ class Runner:
                                            self.calibration_batches(), self.config.calibration, statistics,
                                            device=self.config.device)
             self._timed(f"statistics:{','.join(missing)}", start)
-            self._group = collected.input_group
+            self._group.update(collected.input_group)  # empty for gradient-only collections
             for name in missing:
                 self._stats[name] = collected.values[name]
         if not method.requires:
@@ -205,6 +222,42 @@ class Runner:
 
         return CalibrationStats({n: self._stats[n] for n in method.requires}, self._group)
 
+    def prepare(self) -> None:
+        """Load the model (unless given) and find its targets."""
+        start = time.perf_counter()
+        if self.loaded is None:
+            self.loaded = load_model(self.config.model, self.config.device, getattr(torch, self.config.dtype))
+        self._timed("load_model", start)
+        self.targets = find_targets(self.loaded.model)
+        self.dense_footprint = footprint(self.loaded.model)
+
+    def method_context(self, method: Method) -> Context:
+        """What ``method`` may read: the original model, its statistics and calibration windows."""
+        return Context(model=self.loaded.model, tokenizer=self.loaded.tokenizer, targets=self.targets,
+                       stats=self.statistics_for(method),
+                       calibration=self.calibration_batches() if self.uses_calibration(method) else None,
+                       device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
+
+    def decompose_all(self, method: Method, config, context: Context) -> dict:
+        """Every target's ratio-independent factorization."""
+        start = time.perf_counter()
+        factorizations = {t.name: method.decompose(t, context.weight(t), context, config)
+                          for t in tqdm(self.targets, desc=f"{method.name}: decompose", leave=False, unit="matrix")}
+        self._timed(f"decompose:{method.name}", start)
+        return factorizations
+
+    def compress_one(self, name: str, ratio: float):
+        """``(model, layers, refine facts)`` of one method at one ratio, without evaluating (``svdbench compress``)."""
+        self.prepare()
+        method = self.registry.get("method", name)
+        config = self.method_config(method)
+        context = self.method_context(method)
+        factorizations = self.decompose_all(method, config, context)
+        ranks = method.allocate(ratio, factorizations, context, config)
+        model, layers = compress_model(self.loaded.model, self.targets, factorizations, ranks)
+        refined = method.refine(model, ratio, context, config)
+        return model, layers, refined
+
     def run_method(self, name: str) -> None:
         method = self.registry.get("method", name)
         config = self.method_config(method)
@@ -212,16 +265,15 @@ class Runner:
         calibrated = self.uses_calibration(method)
         todo = [r for r in self.config.ratios
                 if not all(self.results.done(self.eval_key(name, config_dict, r, t, calibrated)) for t in self.config.tasks)]
-        if not todo:
+        todo_budgets = [b for b in self.config.budgets
+                        if not all(self.results.done(self.eval_key(name, config_dict, None, t, calibrated,
+                                                                   budget=self.budget_bytes(b)))
+                                   for t in self.config.tasks)]
+        if not todo and not todo_budgets:
             log.info("%s: every ratio already evaluated; reusing results", name)
             return
-        context = Context(model=self.loaded.model, tokenizer=self.loaded.tokenizer, targets=self.targets,
-                          stats=self.statistics_for(method), calibration=self.calibration_batches() if calibrated else None,
-                          device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
-        start = time.perf_counter()
-        factorizations = {t.name: method.decompose(t, context.weight(t), context, config)
-                          for t in tqdm(self.targets, desc=f"{name}: decompose", leave=False, unit="matrix")}
-        self._timed(f"decompose:{name}", start)
+        context = self.method_context(method)
+        factorizations = self.decompose_all(method, config, context)
         for ratio in todo:
             stage = "allocate"
             try:
@@ -243,6 +295,33 @@ class Runner:
                 raise
             except Exception as error:  # one failing ratio must not take the run down
                 self.fail(name, ratio, stage, error)
+        for spec in todo_budgets:
+            self.run_budget(name, method, config, context, factorizations, calibrated, spec)
+
+    def run_budget(self, name: str, method: Method, config, context: Context, factorizations: dict,
+                   calibrated: bool, spec: str) -> None:
+        """Compress at the smallest ratio whose model fits the budget ``spec``, then evaluate it."""
+        config_dict = dataclasses.asdict(config)
+        stage = f"budget {spec}"
+        try:
+            start = time.perf_counter()
+            fit = fit_budget(method, config, context, self.targets, factorizations, self.budget_bytes(spec))
+            self._timed(f"compress:{name}:budget={spec}", start)
+            kind, number = parse_budget(spec)  # the record's budget: a fraction of dense bytes, or bytes
+            budget = {"budget": number if kind == "fraction" else int(number), "spec": spec, **fit.summary()}
+            compression_id = record_key(model=self.loaded.identity, method=name, config=config_dict, ratio=fit.ratio)
+            summary = accounting(fit.model, fit.layers, self.dense_footprint)
+            self.results.add_compression(compression_id, {"method": name, "ratio": fit.ratio, "config": config_dict,
+                                                          "summary": summary, "refine": fit.refined,
+                                                          "layers": fit.layers, "budget": budget})
+            log.info("%s fits budget %s (%d bytes) at ratio %.4f: %d bytes", name, spec, fit.budget_bytes,
+                     fit.ratio, fit.bytes)
+            stage = f"evaluate (budget {spec})"
+            self.evaluate(fit.model, name, config_dict, fit.ratio, compression_id, summary, calibrated, budget=budget)
+        except (KeyboardInterrupt, UsageError):
+            raise
+        except Exception as error:  # one failing budget must not take the run down
+            self.fail(name, None, stage, error)
 
     def fail(self, name: str, ratio: float | None, stage: str, error: Exception) -> None:
         log.error("%s%s failed during %s: %s: %s", name, f" at ratio {ratio}" if ratio is not None else "",
@@ -253,11 +332,7 @@ class Runner:
 
     def run(self) -> Results:
         start = time.perf_counter()
-        if self.loaded is None:
-            self.loaded = load_model(self.config.model, self.config.device, getattr(torch, self.config.dtype))
-        self._timed("load_model", start)
-        self.targets = find_targets(self.loaded.model)
-        self.dense_footprint = footprint(self.loaded.model)
+        self.prepare()
         self.results.keep_only({row[-1] for row in self.plan()})
         self.write_manifest()
         self.evaluate(self.loaded.model, DENSE, {}, 0.0, None,

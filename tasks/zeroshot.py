@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -104,11 +105,11 @@ class ZeroShotTask(Task):
 
     def documents(self) -> list[dict]:
         """The evaluated split, converted to the schema lm-eval's YAML expects."""
-        return _documents(self.name, self._loader)
+        return self._loader()
 
     def lm_eval_task(self):
         """lm-eval's task built from its installed YAML, its data replaced by :meth:`documents`."""
-        return build_lm_eval_task(self.yaml, self.documents())
+        return build_lm_eval_task(self.yaml, _split(self))
 
     def evaluate(self, model, tokenizer, settings: EvalSettings) -> list[Measurement]:
         _offline()
@@ -141,8 +142,14 @@ def _offline() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _documents(name: str, loader: Callable[[], list[dict]]) -> list[dict]:
-    return loader()
+def _split(task: ZeroShotTask):
+    """The task's documents as a ``datasets.Dataset``, with the YAML's ``process_docs`` applied once."""
+    _offline()
+    import datasets
+
+    dataset = datasets.Dataset.from_list(task.documents())
+    process = lm_eval_yaml(task.yaml).get("process_docs")
+    return process(dataset) if process is not None else dataset
 
 
 def lm_eval_yaml(rel: str) -> dict:
@@ -159,12 +166,13 @@ def lm_eval_yaml(rel: str) -> dict:
         return load_yaml_config(str(path))
 
 
-def build_lm_eval_task(yaml_rel: str, docs: list[dict]):
+def build_lm_eval_task(yaml_rel: str, docs):
     """lm-eval's ConfigurableTask for ``yaml_rel`` whose evaluation split is ``docs``.
 
     Only the data source changes: the split lm-eval evaluates (its
-    ``test_split``, else ``validation_split``) is served from ``docs``, and
-    there are no training/few-shot splits (zero-shot).
+    ``test_split``, else ``validation_split``) is served from ``docs`` (a
+    ``datasets.Dataset`` already passed through the YAML's ``process_docs``),
+    and there are no training/few-shot splits (zero-shot).
     """
     _offline()
     import datasets
@@ -172,11 +180,17 @@ def build_lm_eval_task(yaml_rel: str, docs: list[dict]):
 
     config = dict(lm_eval_yaml(yaml_rel))
     split = config.get("test_split") or config["validation_split"]
-    dataset = datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
+    dataset = datasets.DatasetDict({split: docs})
     config.update({"custom_dataset": lambda **_: dataset, "dataset_path": None, "dataset_name": None,
-                   "dataset_kwargs": None, "training_split": None, "fewshot_split": None,
+                   "dataset_kwargs": None, "process_docs": None, "training_split": None, "fewshot_split": None,
                    "validation_split": split if not config.get("test_split") else None, "num_fewshot": 0})
-    return ConfigurableTask(config=config)
+    task_logger = logging.getLogger("lm_eval.api.task")
+    level = task_logger.level
+    task_logger.setLevel(logging.ERROR)  # its custom_dataset hint about --metadata does not apply here
+    try:
+        return ConfigurableTask(config=config)
+    finally:
+        task_logger.setLevel(level)
 
 
 TASKS = (

@@ -1,0 +1,140 @@
+"""Equal-memory comparison (SVD-LLM Table 7): the smallest ratio that fits a byte budget.
+
+A budget is given as bytes (``300MB``, ``3.1e8``, ``250MiB``) or as a fraction
+of the dense model's bytes (``0.75``: any plain number up to 1). For one
+method the bytes of its compressed model are measured for real - allocate,
+build the model from the method's existing factorizations (no new SVD), and
+count :func:`bench.models.footprint` - and the ratio is bisected until the
+smallest ratio whose model fits is pinned to within ``tol``.
+
+Assumes the method's bytes do not grow with the ratio (true of the uniform
+rank formula and of every allocator that keeps a parameter budget). If the
+method's ``refine`` changes the storage (quantized factors), that is noticed
+after the first fit and the search is repeated with ``refine`` inside it.
+A budget at or above the dense model's bytes needs no compression: ratio 0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from bench.compress import compress_model
+from bench.errors import UsageError
+from bench.lowrank import Factorization
+from bench.models import Target, footprint
+
+MAX_RATIO = 0.99  # the search bound: rank 1 or close to it for every matrix
+TOLERANCE = 1e-3  # ratio resolution of the bisection (about a third of a rank step on SmolLM2)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_budget(spec: str) -> tuple[str, float]:
+    """``("fraction", f)`` for a plain number in (0, 1], else ``("bytes", n)``."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(spec))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise UsageError(f"budget {spec!r} is not understood; give bytes (300MB, 250MiB, 3.1e8) "
+                         "or a fraction of the dense model's bytes (0.75)")
+    try:
+        number = float(match.group(1))
+    except ValueError:
+        raise UsageError(f"budget {spec!r} is not a number; e.g. --budgets 0.9,0.75 or --budgets 300MB") from None
+    if number <= 0:
+        raise UsageError(f"budget {spec!r} must be positive")
+    if not unit and number <= 1.0:
+        return "fraction", number
+    return "bytes", number * _UNITS[unit]
+
+
+def budget_bytes(spec: str, dense_bytes: int) -> int:
+    """The budget in bytes, fractions taken of ``dense_bytes``."""
+    kind, number = parse_budget(spec)
+    return int(number * dense_bytes) if kind == "fraction" else int(number)
+
+
+def bisect_ratio(size_at: Callable[[float], int], budget: int, dense_bytes: int, hi: float = MAX_RATIO,
+                 tol: float = TOLERANCE) -> tuple[float, int]:
+    """Smallest ratio in [0, hi] (to ``tol``) whose ``size_at(ratio) <= budget``, and its size.
+
+    ``size_at(0)`` is taken to be ``dense_bytes``. Raises ValueError when even
+    ``hi`` does not fit.
+    """
+    if budget >= dense_bytes:
+        return 0.0, dense_bytes
+    hi_size = size_at(hi)
+    if hi_size > budget:
+        raise ValueError(f"budget of {budget / 1e6:.1f} MB is below the smallest model this method makes "
+                         f"({hi_size / 1e6:.1f} MB at ratio {hi}); embeddings, lm_head and norms are never compressed")
+    lo = 0.0  # invariant: lo does not fit, hi fits
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        size = size_at(mid)
+        if size <= budget:
+            hi, hi_size = mid, size
+        else:
+            lo = mid
+    return hi, hi_size
+
+
+@dataclass
+class BudgetFit:
+    """The model that fits, and how it was found."""
+
+    model: nn.Module
+    layers: dict[str, dict]
+    refined: dict
+    ratio: float
+    bytes: int
+    budget_bytes: int
+    builds: int  # models built while searching
+    refine_in_search: bool
+
+    def summary(self) -> dict:
+        return {"ratio": self.ratio, "bytes": self.bytes, "budget_bytes": self.budget_bytes,
+                "builds": self.builds, "refine_in_search": self.refine_in_search, "tolerance": TOLERANCE}
+
+
+def fit_budget(method: Any, config: Any, context: Any, targets: list[Target],
+               factorizations: dict[str, Factorization], budget: int) -> BudgetFit:
+    """The method's compressed (and refined) model at the smallest ratio that fits ``budget`` bytes."""
+    dense_bytes = footprint(context.model)["bytes"]
+    builds = 0
+    sizes: dict[tuple, int] = {}  # without refine, bytes depend on the ranks alone
+
+    def build(ratio: float, refine: bool):
+        nonlocal builds
+        builds += 1
+        ranks = method.allocate(ratio, factorizations, context, config)
+        model, layers = compress_model(context.model, targets, factorizations, ranks)
+        before = footprint(model)["bytes"]
+        refined = method.refine(model, ratio, context, config) if refine else {}
+        return model, layers, refined, before
+
+    def size_at(ratio: float, refine: bool) -> int:
+        if refine:
+            model, _, _, _ = build(ratio, True)
+            return footprint(model)["bytes"]
+        key = tuple(sorted(method.allocate(ratio, factorizations, context, config).items()))
+        if key not in sizes:
+            sizes[key] = build(ratio, False)[3]
+        return sizes[key]
+
+    refine_in_search = False
+    ratio, _ = bisect_ratio(lambda r: size_at(r, False), budget, dense_bytes)
+    model, layers, refined, before = build(ratio, True)
+    if footprint(model)["bytes"] != before:  # refine changed the storage: search again with it
+        refine_in_search = True
+        del model
+        ratio, _ = bisect_ratio(lambda r: size_at(r, True), budget, dense_bytes)
+        model, layers, refined, _ = build(ratio, True)
+    size = footprint(model)["bytes"]
+    if size > budget:
+        raise ValueError(f"the model at ratio {ratio:.4f} takes {size} bytes, over the budget of {budget} "
+                         "(its bytes are not monotone in the ratio)")
+    return BudgetFit(model, layers, refined, ratio, size, budget, builds, refine_in_search)

@@ -1,0 +1,102 @@
+"""Prefill/decode tokens/s and peak memory of a method at several ratios vs the dense model.
+
+Runs the harness with a throughput task (dense first, then each ratio, all in
+one process so that speed-ups are ratios measured under the same conditions)
+and prints tokens/s, speed-up over dense and peak memory per grid point.
+
+    python benchmarks/throughput.py                      # svdllm_w at 20/40/60/80% on SmolLM2-135M
+    python benchmarks/throughput.py --method svd --preset v2
+
+``svd`` has the same shapes, hence the same speed, as ``svdllm_w`` and needs
+no calibration, which makes it the cheap stand-in on a busy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--method", default="svdllm_w")
+    parser.add_argument("--ratios", default="0.2,0.4,0.6,0.8")
+    parser.add_argument("--preset", choices=["cpu", "v2"], default="cpu",
+                        help="cpu: the throughput task's default grid; v2: batch 4, prompt 1024, decode 256")
+    parser.add_argument("--batch-sizes", type=_ints, help="override the preset's batch sizes, e.g. 1,4")
+    parser.add_argument("--prompt-lens", type=_ints, help="override the preset's prompt lengths, e.g. 128,512")
+    parser.add_argument("--decode-lens", type=_ints, help="override the preset's decode lengths, e.g. 32")
+    parser.add_argument("--repeats", type=int, help="override the preset's repeats")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-seqlen", type=int, default=256)
+    parser.add_argument("--out", help="run directory (default: a temporary one)")
+    args = parser.parse_args()
+
+    import dataclasses
+
+    import torch
+
+    from bench import hookimpl
+    from bench.calibration import CalibrationConfig
+    from bench.plugins import load_registry
+    from bench.runner import RunConfig, Runner
+    from tasks.throughput import CPU_GRID, V2_GRID, Throughput
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid = CPU_GRID if args.preset == "cpu" else V2_GRID
+    overrides = {"batch_sizes": args.batch_sizes, "prompt_lengths": args.prompt_lens,
+                 "decode_lengths": args.decode_lens, "repeats": args.repeats}
+    grid = dataclasses.replace(grid, **{k: v for k, v in overrides.items() if v is not None})
+    task = Throughput("throughput_bench", grid)
+
+    class Plugin:
+        @hookimpl
+        def register_tasks(self, register):
+            register(task)
+
+    registry = load_registry(extra=[("throughput_bench", Plugin())])
+    out = args.out or tempfile.mkdtemp(prefix="svdbench-throughput-")
+    config = RunConfig(model=args.model, methods=[args.method], ratios=[float(r) for r in args.ratios.split(",")],
+                       tasks=[task.name], device=args.device,
+                       calibration=CalibrationConfig(samples=args.calib_samples, seqlen=args.calib_seqlen), out=out)
+    results = Runner(config, registry=registry).run()
+    print_table(results.data["records"], grid, torch.get_num_threads())
+    if results.data["failures"]:
+        print("failures:", [f["error"] for f in results.data["failures"]])
+    print(f"results: {out}/results.json")
+
+
+def print_table(records: list[dict], grid, threads: int) -> None:
+    cells: dict = {}
+    for r in records:
+        x = r["extra"]
+        point = (x["batch_size"], x["prompt_len"], x["decode_len"])
+        cells.setdefault((point, r["method"], r["ratio"]), {"MiB": r["bytes"] / 2**20})[r["metric"]] = r["value"]
+    print(f"\ngrid: batch {grid.batch_sizes} x prompt {grid.prompt_lengths} x decode {grid.decode_lengths}, "
+          f"median of {grid.repeats} after {grid.warmup} warm-up; {threads} torch threads")
+    header = ("batch", "prompt", "decode", "model", "MiB", "prefill tok/s", "x dense", "decode tok/s", "x dense",
+              "peak MiB", "KV MiB")
+    print(" | ".join(header))
+    for (point, method, ratio), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != "dense", kv[0][2])):
+        dense = cells.get((point, "dense", 0.0), {})
+        name = "dense" if method == "dense" else f"{method}@{ratio:.0%}"
+        up = lambda m: c[m] / dense[m] if dense.get(m) else float("nan")  # noqa: E731
+        print(" | ".join([*map(str, point), name, f"{c['MiB']:.1f}", f"{c['prefill_tok_s']:.1f}",
+                          f"{up('prefill_tok_s'):.2f}", f"{c['decode_tok_s']:.1f}", f"{up('decode_tok_s'):.2f}",
+                          f"{c['peak_mem_mb']:.1f}", f"{c['kv_cache_mb']:.2f}"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Activation-aware SVD (``asvd``, Yuan et al., 2023).
+
+**Scaling.** ``S = diag((mean_t |X_jt|)^alpha + eps)`` with ``alpha = 0.5`` and
+``eps = 1e-6`` (the reference's values; the ``abs_mean`` statistic), then the
+shared ``SVD(W S)`` truncation. Input channels with large activations are
+kept more faithfully. The exact SVD replaces the reference's randomized one.
+
+**Sensitivity-based ranks** (``allocation = "sensitivity"``, the reference's
+rule). For every compressed linear and every candidate kept fraction ``p`` in
+``candidates`` (0.9 ... 0.4; rank ``floor(m*n*p/(m+n))``), the calibration
+perplexity is measured with only that linear truncated. All ``(linear, p)``
+pairs are sorted by perplexity, least harmful first; a prefix of that list is
+"allowed" and every linear takes the smallest ``p`` allowed for it (dense if
+none). A binary search finds the shortest prefix whose kept parameters fit the
+budget, which is the uniform rank formula's parameter count at the target
+ratio (so every method is compared at the same size). The reference stops
+there, which can undershoot the budget by a whole candidate step of one
+matrix; here the matrix whose pair crossed the budget gets the leftover back
+as rank (never more than it had before that pair), so the total lies within
+one rank step of the budget. A target ratio beyond the smallest candidate
+(e.g. 0.8 with ``p >= 0.4``) cannot be met by the search; it falls back to
+uniform ranks, logged and recorded. ``allocation = "uniform"`` is the ablation.
+
+**Cost and what is measured.** SmolLM2-135M has 210 linears x 6 candidates =
+1260 evaluations, so the perplexity is taken on a subset of the calibration
+windows: the first ``sensitivity_samples`` windows cut to
+``sensitivity_seqlen`` tokens (default 2 x 256; the reference uses its whole
+calibration set). Each evaluation is still the exact perplexity of the whole
+model with one truncated linear, but only the blocks from the truncated one
+onward are run: the blocks before it are replaced, on a private copy of the
+model, by their recorded output on these windows (earlier blocks are
+unchanged, so this is exact - checked at run time against a full forward
+pass, with a fall-back to full passes if a model family breaks it).
+
+**Non-finite guard.** A truncation whose calibration loss is NaN/inf (the
+reference produced NaNs below 0.75 parameter ratio, its issue #7) gets an
+infinite perplexity, is logged with its layer and ratio, and so sorts last.
+
+**Cache.** The sensitivity table is stored as JSON under
+``<cache_dir>/asvd_sensitivity/`` keyed by the model identity, a hash of the
+exact token windows used (which fixes the calibration data, seed, sample
+count and lengths), ``alpha``, ``eps``, the candidates and the method version;
+the fields and a sha256 of the table are verified on load and a mismatched
+or corrupted entry is rebuilt with a log line.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench import Diagonal, Factorization, Method, factorize, hookimpl
+from bench.errors import UsageError
+from bench.lowrank import is_worth_factorizing, rank_for_ratio
+from bench.method import Context, uniform_ranks
+from bench.models import Target, decoder_blocks
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"
+ALLOCATIONS = ("sensitivity", "uniform")
+
+
+@dataclass(frozen=True)
+class ASVDConfig:
+    alpha: float = 0.5
+    eps: float = 1e-6
+    allocation: str = "sensitivity"  # "sensitivity" (the reference's search) or "uniform"
+    candidates: str = "0.9,0.8,0.7,0.6,0.5,0.4"  # kept fractions tried per linear
+    sensitivity_samples: int = 2  # calibration windows used by the search
+    sensitivity_seqlen: int = 256  # tokens of each of those windows
+
+    def __post_init__(self):
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"asvd.allocation={self.allocation!r} is unknown; use one of: {', '.join(ALLOCATIONS)}")
+        if not self.alpha >= 0 or not self.eps > 0:
+            raise UsageError("asvd needs alpha >= 0 and eps > 0")
+        if self.sensitivity_samples < 1 or self.sensitivity_seqlen < 2:
+            raise UsageError("asvd.sensitivity_samples must be >= 1 and asvd.sensitivity_seqlen >= 2")
+        kept = self.kept_candidates
+        if not kept or any(not 0 < p < 1 for p in kept):
+            raise UsageError(f"asvd.candidates={self.candidates!r} must be comma-separated kept fractions in (0, 1)")
+
+    @property
+    def kept_candidates(self) -> list[float]:
+        try:
+            return sorted({float(x) for x in self.candidates.split(",")}, reverse=True)
+        except ValueError:
+            return []
+
+
+def activation_scale(abs_mean: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
+    """The diagonal of ``S``: ``mean|x_j| ** alpha + eps`` (float64)."""
+    return abs_mean.to(torch.float64).clamp_min(0) ** alpha + eps
+
+
+def kept_rank(target: Target, kept: float) -> int:
+    """The rank keeping ``kept`` of the matrix's parameters (``floor(m*n*kept/(m+n))``)."""
+    return rank_for_ratio(target.out_features, target.in_features, max(0.0, 1.0 - kept))
+
+
+def stored_params(target: Target, rank: int | None) -> int:
+    """Weight parameters of the matrix at ``rank`` (``None``: dense, as is a rank not worth factorizing)."""
+    m, n = target.out_features, target.in_features
+    return rank * (m + n) if rank is not None and is_worth_factorizing(m, n, rank) else m * n
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+def sensitivity_windows(context: Context, config: ASVDConfig) -> torch.Tensor:
+    if context.calibration is None:
+        raise UsageError("asvd's sensitivity search needs calibration windows; run it through the runner "
+                         "or use --method-option asvd.allocation=uniform")
+    return context.calibration[: config.sensitivity_samples, : config.sensitivity_seqlen].contiguous()
+
+
+def _loss(model: nn.Module, ids: torch.Tensor) -> float:
+    return float(model(ids, labels=ids, use_cache=False).loss)
+
+
+def measure_sensitivity(model: nn.Module, targets: list[Target], factorizations: dict[str, Factorization],
+                        candidates: list[float], ids: torch.Tensor, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Calibration perplexity with only one linear truncated, for every linear and kept fraction.
+
+    Works on a private copy of ``model``. Blocks before the truncated one are
+    replaced by their recorded output (see the module docstring).
+    """
+    work = copy.deepcopy(model).eval()
+    _, blocks = decoder_blocks(work)
+    ids = ids.to(device)
+    outputs: dict[int, object] = {}
+
+    def record(index: int):
+        def hook(_module, _inputs, output):
+            outputs[index] = output
+        return hook
+
+    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
+    with torch.no_grad():
+        try:
+            dense_loss = _loss(work, ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+    if not math.isfinite(dense_loss):
+        raise FloatingPointError(f"the original model's calibration loss is {dense_loss}")
+
+    def skip_to(block: int) -> None:
+        """Blocks before ``block`` return the recorded input of ``block`` without computing."""
+        for i in range(len(blocks)):
+            blocks[i].__dict__.pop("forward", None)
+            if i < block:
+                blocks[i].forward = lambda *args, _cached=outputs[block - 1], **kwargs: _cached
+
+    by_block: dict[int, list[Target]] = {}
+    for target in targets:
+        by_block.setdefault(target.block, []).append(target)
+    shortcut = True
+    table: dict[str, dict[str, float]] = {}
+    progress = tqdm(total=len(targets) * len(candidates), desc="asvd: sensitivity", leave=False, unit="eval")
+    try:
+        with torch.no_grad():
+            for block, members in sorted(by_block.items()):
+                if shortcut and block > 0:
+                    skip_to(block)
+                    check = _loss(work, ids)
+                    if abs(check - dense_loss) > 1e-4 * max(1.0, abs(dense_loss)):
+                        log.warning("asvd: skipping the blocks before %d changes the loss (%.6g vs %.6g) for %s; "
+                                    "using full forward passes", block, check, dense_loss, type(model).__name__)
+                        skip_to(0)
+                        shortcut = False
+                for target in members:
+                    module = work.get_submodule(target.name)
+                    original = module.weight.data
+                    row = {}
+                    for kept in candidates:
+                        f = factorizations[target.name]
+                        rank = kept_rank(target, kept)
+                        truncated = (f.u[:, :rank] * f.s[:rank]) @ f.vt[:rank]
+                        module.weight.data = truncated.to(original.dtype).to(original.device)
+                        loss = _loss(work, ids)
+                        if not math.isfinite(loss):
+                            log.warning("asvd: %s truncated to kept fraction %.2f gives a non-finite calibration "
+                                        "loss (%s); treated as infinite perplexity", target.name, kept, loss)
+                        row[str(kept)] = math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
+                        progress.update()
+                    module.weight.data = original
+                    table[target.name] = row
+    finally:
+        progress.close()
+        skip_to(0)
+    return table
+
+
+class SensitivityCache:
+    """Verified JSON files ``<root>/<key>.json`` holding the fields and the table."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(fields: dict) -> str:
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+    @staticmethod
+    def digest(table: dict) -> str:
+        return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+
+    def load(self, fields: dict) -> dict | None:
+        path = self.root / f"{self.key(fields)}.json"
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            if entry["fields"] != fields:
+                raise ValueError("its settings do not match")
+            if self.digest(entry["table"]) != entry["sha256"]:
+                raise ValueError("its checksum does not match")
+            return {name: {k: float(v) for k, v in row.items()} for name, row in entry["table"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("asvd sensitivity cache entry %s is unusable: %s; rebuilding it", path.name, error)
+            return None
+
+    def save(self, fields: dict, table: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{self.key(fields)}.json"
+        tmp = path.with_suffix(".tmp")
+        # JSON has no infinity: store it as a string float() reads back
+        stored = {name: {k: (v if math.isfinite(v) else "inf") for k, v in row.items()} for name, row in table.items()}
+        tmp.write_text(json.dumps({"fields": fields, "table": stored, "sha256": self.digest(stored)}, indent=1))
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- allocation
+
+def sensitivity_ranks(targets: list[Target], table: dict[str, dict[str, float]], budget: int) -> dict[str, int | None]:
+    """Ranks from the sorted (linear, kept) pairs and a binary-searched threshold; ``None`` = dense.
+
+    Returns the ranks of the shortest prefix of least-harmful pairs whose
+    parameters fit ``budget``, with the leftover given back to the matrix at
+    the threshold. Raises ``ValueError`` when even every pair does not fit.
+    """
+    by_name = {t.name: t for t in targets}
+    order = {t.name: i for i, t in enumerate(targets)}
+    pairs = sorted(((name, float(kept), ppl) for name, row in table.items() for kept, ppl in row.items()),
+                   key=lambda p: (p[2], -p[1], order[p[0]]))
+
+    def ranks_for(prefix: int) -> dict[str, int | None]:
+        kept: dict[str, float] = {}
+        for name, p, _ in pairs[:prefix]:
+            kept[name] = min(kept.get(name, 1.0), p)
+        return {t.name: kept_rank(t, kept[t.name]) if t.name in kept else None for t in targets}
+
+    def total(ranks: dict[str, int | None]) -> int:
+        return sum(stored_params(by_name[name], r) for name, r in ranks.items())
+
+    if total(ranks_for(len(pairs))) > budget:
+        raise ValueError("the budget is below every linear at its smallest candidate")
+    low, high = 0, len(pairs)  # total(ranks_for(high)) <= budget
+    while low < high:
+        mid = (low + high) // 2
+        if total(ranks_for(mid)) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    ranks = ranks_for(high)
+    if high > 0:  # give the leftover back to the matrix whose pair crossed the budget
+        name = pairs[high - 1][0]
+        target = by_name[name]
+        before = ranks_for(high - 1)[name]
+        m, n = target.out_features, target.in_features
+        ceiling = before if before is not None else max(1, math.ceil(m * n / (m + n)) - 1)
+        spare = budget - total(ranks)
+        ranks[name] = min(ceiling, ranks[name] + spare // (m + n))
+    return ranks
+
+
+def uniform_budget(targets: list[Target], ratio: float) -> int:
+    """Parameters of the targets at the uniform rank formula (what every method keeps)."""
+    ranks = uniform_ranks(targets, ratio)
+    return sum(stored_params(t, ranks[t.name]) for t in targets)
+
+
+class ASVD(Method):
+    name = "asvd"
+    description = "activation-aware SVD: channels scaled by mean|x|^alpha, sensitivity-searched per-layer ranks"
+    config_class = ASVDConfig
+    requires = ("abs_mean",)
+    needs_calibration_data = True
+
+    def __init__(self) -> None:
+        self.notes: dict[tuple[str, float], dict] = {}  # (model identity, ratio) -> facts for the record
+
+    def decompose(self, target, weight, context, config) -> Factorization:
+        scale = activation_scale(context.stats.get("abs_mean", target.name), config.alpha, config.eps)
+        return factorize(weight, Diagonal(scale))
+
+    def cache_fields(self, context: Context, config: ASVDConfig, ids: torch.Tensor) -> dict:
+        return {"method": self.name, "version": VERSION, "model": context.model_identity,
+                "windows_sha256": hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest(),
+                "windows_shape": list(ids.shape), "alpha": config.alpha, "eps": config.eps,
+                "candidates": config.kept_candidates, "targets": [t.name for t in context.targets]}
+
+    def sensitivity(self, factorizations: dict[str, Factorization], context: Context,
+                    config: ASVDConfig) -> tuple[dict[str, dict[str, float]], dict]:
+        """The sensitivity table, from the cache or measured (and then cached); plus facts for the record."""
+        ids = sensitivity_windows(context, config)
+        fields = self.cache_fields(context, config, ids)
+        cache = SensitivityCache(Path(context.cache_dir) / "asvd_sensitivity")
+        table = cache.load(fields)
+        if table is not None:
+            log.info("asvd: sensitivity table reused from the cache (%s)", cache.key(fields))
+            return table, {"sensitivity_cached": True, "sensitivity_tokens": list(ids.shape)}
+        start = time.perf_counter()
+        log.info("asvd: measuring sensitivity of %d linears x %d kept fractions on %d x %d calibration tokens",
+                 len(context.targets), len(config.kept_candidates), *ids.shape)
+        table = measure_sensitivity(context.model, context.targets, factorizations, config.kept_candidates, ids,
+                                    context.device)
+        seconds = time.perf_counter() - start
+        log.info("asvd: sensitivity search took %.1f s", seconds)
+        cache.save(fields, table)
+        return table, {"sensitivity_cached": False, "sensitivity_seconds": round(seconds, 3),
+                       "sensitivity_tokens": list(ids.shape)}
+
+    def allocate(self, ratio, factorizations, context, config) -> dict[str, int]:
+        if config.allocation == "uniform":
+            return uniform_ranks(context.targets, ratio)
+        table, facts = self.sensitivity(factorizations, context, config)
+        budget = uniform_budget(context.targets, ratio)
+        try:
+            ranks = sensitivity_ranks(context.targets, table, budget)
+        except ValueError:
+            log.warning("asvd: ratio %.2f needs more compression than the smallest candidate kept fraction %.2f "
+                        "allows; using uniform ranks", ratio, min(config.kept_candidates))
+            facts["allocation_fallback"] = "uniform (target beyond the smallest candidate)"
+            self.notes[(context.model_identity, ratio)] = facts
+            return uniform_ranks(context.targets, ratio)
+        dense = [name for name, r in ranks.items() if r is None]
+        facts["dense_linears"] = len(dense)
+        self.notes[(context.model_identity, ratio)] = facts
+        kept = sum(stored_params(t, ranks[t.name]) for t in context.targets)
+        log.info("asvd at ratio %.2f: %d of %d parameters kept (budget %d), %d linears left dense",
+                 ratio, kept, sum(t.out_features * t.in_features for t in context.targets), budget, len(dense))
+        # a dense linear gets a rank that compress_model keeps dense
+        return {t.name: r if r is not None else min(t.out_features, t.in_features) for t, r in
+                ((t, ranks[t.name]) for t in context.targets)}
+
+    def refine(self, model, ratio, context, config) -> dict:
+        return self.notes.pop((context.model_identity, ratio), {})
+
+
+@hookimpl
+def register_methods(register):
+    register(ASVD())

@@ -1,0 +1,55 @@
+"""SVD-LLM truncation-aware whitening (``svdllm_w``, Wang et al., ICLR 2025).
+
+``S = cholesky(G)`` with ``G = X X^T`` of the layer's calibration inputs
+(float64); ``SVD(W S)`` is truncated as in every method. With this ``S`` the
+output error is exactly the truncated spectrum:
+``||W X - W' X||_F^2 = sum over dropped sigma_i^2`` (tested), so truncating
+the smallest singular values is the best choice for the layer's output.
+
+When ``G`` is not positive definite (few calibration tokens, dead channels)
+the reference adds ``(-lambda_min + 1e-6) I`` and retries
+(:func:`bench.lowrank.cholesky_whitening`); the layer and the shift are logged
+and returned by ``refine`` so that they land in results.json.
+
+This module holds the whitening only. The variants with SVD-LLM's LoRA update
+(``svdllm``, ``svdllm_u``) subclass :class:`SVDLLMWhitening` elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from bench import Factorization, Method, factorize, hookimpl
+from bench.lowrank import cholesky_whitening
+
+log = logging.getLogger(__name__)
+
+
+class SVDLLMWhitening(Method):
+    name = "svdllm_w"
+    description = "SVD-LLM truncation-aware whitening: SVD of W chol(X X^T)"
+    requires = ("gram",)
+
+    def __init__(self) -> None:
+        # model identity -> {target: shift} for the grams that needed one
+        self.shifts: dict[str, dict[str, float]] = {}
+
+    def decompose(self, target, weight, context, config) -> Factorization:
+        transform, shift = cholesky_whitening(context.stats.get("gram", target.name))
+        shifts = self.shifts.setdefault(context.model_identity, {})
+        if shift:
+            log.warning("%s: X X^T of %s is not positive definite; shifted by %.3g before Cholesky",
+                        self.name, target.name, shift)
+            shifts[target.name] = shift
+        else:
+            shifts.pop(target.name, None)
+        return factorize(weight, transform)
+
+    def refine(self, model, ratio, context, config) -> dict:
+        shifts = self.shifts.get(context.model_identity, {})
+        return {"cholesky_shifts": dict(shifts)} if shifts else {}
+
+
+@hookimpl
+def register_methods(register):
+    register(SVDLLMWhitening())

@@ -1,0 +1,171 @@
+"""Reports rendered from results.json: tables, CSVs, published blocks and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from bench.cli import main
+from reports.plots import pareto_front
+from reports.published import load_published, ordering_agreement, table1_curves
+from reports.records import PAPER_ZERO_SHOT, variant
+from reports.tables import build_tables, render_markdown, write_report
+from synthetic_results import ZERO_SHOT, accuracy, degraded, perplexity, synthetic_results
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _table(data, name):
+    return next(t for t in build_tables(data) if t.name == name)
+
+
+def _csv_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_full_run_writes_every_table_csv_and_plot(tmp_path):
+    paths = write_report(synthetic_results(), tmp_path)
+    names = {p.name for p in paths}
+    assert paths[0].name == "report.md"
+    for table in ("table1", "zeroshot", "ablation", "budget", "quantization", "throughput"):
+        assert f"{table}.csv" in names
+    for plot in ("perplexity_vs_ratio", "accuracy_vs_ratio", "perplexity_vs_bytes", "throughput_speedup"):
+        path = tmp_path / f"{plot}.png"
+        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
+    report = (tmp_path / "report.md").read_text()
+    for title in ("SVD-LLM Table-1 layout", "Ablation (SVD-LLM Table 4)", "Equal memory budget", "SVD and quantization",
+                  "Throughput and memory", "## Plots"):
+        assert title in report
+    assert "Published" not in report  # only with --with-published
+
+
+def test_table1_values_units_and_average(tmp_path):
+    data = synthetic_results()
+    table = _table(data, "table1")
+    header = table.header
+    assert header[:4] == ["method", "ratio", "params (M)", "MiB"]
+    assert "wikitext2 perplexity ↓" in header and "piqa acc ↑" in header and header[-1] == "avg acc ↑"
+    assert not any("acc_norm" in h for h in header)  # acc_norm lives in the zero-shot table
+    row = next(r for r in table.rows if r[0] == "svdllm_w" and r[1] == 0.4)
+    assert row[header.index("wikitext2 perplexity ↓")] == pytest.approx(perplexity("svdllm_w", 0.4))
+    expected_avg = sum(accuracy("svdllm_w", 0.4, t) for t in PAPER_ZERO_SHOT) / 6
+    assert row[-1] == pytest.approx(expected_avg)
+    assert table.rows[0][0] == "dense"
+    # quantized, budget and throughput rows have their own tables
+    assert not any("bit" in str(r[0]) for r in table.rows)
+    notes = " ".join(table.notes)
+    for needed in ("Ratio = fraction", "seqlen 512", "first 2 windows", "8 x 512 tokens of wikitext2",
+                   "lower is better", "fraction of examples correct"):
+        assert needed in notes
+    write_report(data, tmp_path, plots=False)
+    rows = _csv_rows(tmp_path / "table1.csv")
+    svd = next(r for r in rows if r["method"] == "svd" and float(r["ratio"]) == 0.2)
+    assert float(svd["wikitext2 perplexity ↓"]) == pytest.approx(perplexity("svd", 0.2))
+
+
+def test_partial_average_is_labelled():
+    data = synthetic_results()
+    data["records"] = [r for r in data["records"] if r["task"] not in ("mathqa", "winogrande")]
+    table = _table(data, "table1")
+    assert table.header[-1] == "avg acc (4/6) ↑"
+    assert any("not directly comparable" in n for n in table.notes)
+
+
+def test_only_supported_tables_and_plots(tmp_path):
+    data = synthetic_results(methods=("svd",), zero_shot=False, budgets=False, quantized=False, throughput=False)
+    assert [t.name for t in build_tables(data)] == ["table1"]
+    names = {p.name for p in write_report(data, tmp_path)}
+    assert names == {"report.md", "results.csv", "table1.csv", "perplexity_vs_ratio.png", "perplexity_vs_bytes.png"}
+
+
+def test_ablation_budget_quantization_throughput_layouts():
+    data = synthetic_results()
+    ablation = _table(data, "ablation")
+    assert [r[0] for r in ablation.rows] == ["asvd", "svd", "svdllm_w", "svdllm_u", "svdllm"]
+    col = ablation.header.index("wikitext2 ppl ↓ @ 60%")
+    assert ablation.rows[-1][col] == pytest.approx(perplexity("svdllm", 0.6))
+    assert ablation.rows[-1][1:3] == ["whitening", "yes"]
+
+    budget = _table(data, "budget")
+    assert [r[0] for r in budget.rows] == ["90% of dense"] * 2 + ["75% of dense"] * 2
+    assert budget.rows[0][2] == 0.12  # the ratio the method needed
+
+    quant = _table(data, "quantization")
+    sizes = [r[quant.header.index("MiB")] for r in quant.rows]
+    assert sizes == sorted(sizes, reverse=True)
+    bits = {r[0]: r[2] for r in quant.rows}
+    assert bits["svdllm_quant (2-bit)"] == 2 and bits["dense"] == 32
+    hqq = [r for r in quant.rows if r[0] == "hqq (4-bit)"]
+    assert len(hqq) == 1 and hqq[0][1] is None  # one row, no ratio: quantization alone removes nothing
+
+    tp = _table(data, "throughput")
+    speed = tp.header.index("prefill_tok_s speed-up ↑")
+    grid = tp.header.index("grid")
+    row = next(r for r in tp.rows if r[0] == "svd" and r[1] == 0.6 and r[grid].startswith("batch_size=4"))
+    assert row[speed] == pytest.approx(1 + 0.6 * (0.5 + 0.25 * 4) * (1 - 0.05 * 3))
+    assert all(r[speed] == 1.0 for r in tp.rows if r[0] == "dense")
+
+
+def test_variant_tells_rows_apart():
+    data = synthetic_results()
+    keys = [(r["method"], r["ratio"], variant(r), r["task"], r["metric"]) for r in data["records"]]
+    assert len(keys) == len(set(keys))
+
+
+def test_with_published_block_and_ordering(tmp_path):
+    data = synthetic_results()
+    report = render_markdown(data, with_published=True)
+    assert report.count("### Published, LLaMA-7B") == 5  # table 1, ablation, budget, quantization, throughput
+    assert "20%: measured svdllm < svdllm_w < asvd < svd; published svdllm < svdllm_w < asvd < svd (same order)" in report
+    flipped = degraded(data, "svdllm", 100.0)
+    assert "(order differs)" in "\n".join(ordering_agreement(flipped))
+    paths = write_report(data, tmp_path, with_published=True, plots=False)
+    published_csv = tmp_path / "published_llama7b.csv"
+    assert published_csv in paths
+    rows = _csv_rows(published_csv)
+    assert {"table1", "table4", "tables2-3", "table7", "table8"} <= {r["table"] for r in rows}
+
+
+def test_published_data_is_consistent():
+    pub = load_published()
+    curves = table1_curves()
+    assert curves["dense"] == [(0.0, pub["dense"]["wikitext2"])]
+    for method, points in curves.items():
+        ratios = [r for r, _ in points]
+        assert ratios == sorted(ratios) and len(set(ratios)) == len(ratios), method
+        assert all(v > 0 for _, v in points)
+    ablation = {r["method"]: r["value"] for r in pub["ablation"]["rows"]}
+    assert ablation["svdllm"] == dict(curves["svdllm"])[pub["ablation"]["ratio"]]
+    assert all("note" in pub[k] for k in ("table1", "ablation", "budget", "quantization", "throughput"))
+
+
+def test_pareto_front():
+    points = [(100, 5.0), (50, 9.0), (60, 8.0), (70, 12.0), (100, 4.0), (30, 50.0)]
+    assert pareto_front(points) == [(30, 50.0), (50, 9.0), (60, 8.0), (100, 4.0)]
+
+
+def test_nonfinite_values_are_reported_not_plotted(tmp_path):
+    data = synthetic_results(zero_shot=False, budgets=False, quantized=False, throughput=False)
+    bad = next(r for r in data["records"] if r["method"] == "svd" and r["ratio"] == 0.6 and r["task"] == "wikitext2")
+    bad["value"] = float("nan")
+    bad["extra"]["nonfinite_source"] = "model.layers.3.mlp.down_proj"
+    paths = write_report(data, tmp_path)
+    report = paths[0].read_text()
+    assert "| svd | 60% |" in report and "NaN" in report and "model.layers.3.mlp.down_proj" in report
+    assert (tmp_path / "perplexity_vs_ratio.png").exists()  # drawn without the NaN point
+
+
+def test_report_command_rerenders_from_results_json(tmp_path, capsys):
+    data = synthetic_results(methods=("svd", "svdllm"), ratios=(0.2, 0.4), budgets=False, quantized=False,
+                             throughput=False)
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    assert main(["report", str(tmp_path), "--with-published"]) == 0
+    first = (tmp_path / "report.md").read_text()
+    (tmp_path / "report.md").write_text("garbage the report must not read back")
+    assert main(["report", str(tmp_path), "--with-published"]) == 0
+    assert (tmp_path / "report.md").read_text() == first
+    assert "wrote" in capsys.readouterr().out
+    assert all(f"{task} acc ↑" in first for task in ZERO_SHOT) and "### Published, LLaMA-7B" in first

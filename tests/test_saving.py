@@ -1,0 +1,102 @@
+"""Saving compressed models as safetensors + svdbench.json and loading them back (bench/saving.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.compress import compress_model
+from bench.errors import UsageError
+from bench.lowrank import LowRankLinear, factorize
+from bench.method import uniform_ranks
+from bench.models import find_targets, load_model
+from bench.quantize import QuantizedLinear
+from bench.saving import MANIFEST, WEIGHTS, load_compressed, save_compressed
+from methods.hybrid import quantize_targets
+
+IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def compressed(loaded, bits: int | None = None):
+    targets = find_targets(loaded.model)
+    facts = {t.name: factorize(loaded.model.get_submodule(t.name).weight) for t in targets}
+    model, _ = compress_model(loaded.model, targets, facts, uniform_ranks(targets, 0.5))
+    if bits:
+        quantize_targets(model, [t.name for t in targets], bits, 64, "float16")
+    return model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_round_trip_gives_identical_logits(tiny, tmp_path, bits):
+    model = compressed(tiny, bits)
+    save_compressed(model, tiny.tokenizer, tmp_path / "m", {"method": "svd", "ratio": 0.5})
+    loaded = load_model(str(tmp_path / "m"))  # the --model DIR path
+    assert torch.equal(logits(loaded.model), logits(model))
+    kinds = {type(m) for m in loaded.model.modules()}
+    assert LowRankLinear in kinds and (QuantizedLinear in kinds) == bool(bits)
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    assert manifest["method"] == "svd" and len(manifest["ranks"]) == len(find_targets(tiny.model))
+    assert loaded.identity == manifest["fingerprint"]
+    assert not list((tmp_path / "m").glob("*.bin")) and not list((tmp_path / "m").glob("*.pt"))
+
+
+def test_truncated_weight_file_is_detected(tiny, tmp_path):
+    save_compressed(compressed(tiny), tiny.tokenizer, tmp_path / "m", {})
+    weights = tmp_path / "m" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(UsageError, match="edited or truncated"):
+        load_compressed(tmp_path / "m")
+
+
+def test_edited_weight_file_is_detected_even_with_a_fixed_checksum(tiny, tmp_path):
+    from bench.models import sha256_file
+
+    save_compressed(compressed(tiny), tiny.tokenizer, tmp_path / "m", {})
+    weights = tmp_path / "m" / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # flip bits inside the last tensor's data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="edited or truncated"):
+        load_compressed(tmp_path / "m")
+    manifest_path = tmp_path / "m" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["weights"][WEIGHTS] = sha256_file(weights)  # someone "repairs" the checksum
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="fingerprint"):
+        load_compressed(tmp_path / "m")
+
+
+def test_manifest_that_does_not_fit_the_weights_is_refused(tiny, tmp_path):
+    save_compressed(compressed(tiny), tiny.tokenizer, tmp_path / "m", {})
+    manifest_path = tmp_path / "m" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    name = next(iter(manifest["ranks"]))
+    manifest["ranks"][name] += 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UsageError):
+        load_compressed(tmp_path / "m")
+
+
+def test_compress_command_matches_in_memory_compression(tiny, tmp_path):
+    from bench.runner import RunConfig, Runner
+
+    source = tmp_path / "src"
+    tiny.model.save_pretrained(source)
+    tiny.tokenizer.save_pretrained(source)
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(source), "--method", "svd", "--ratio", "0.4", "--out", str(out)]) == 0
+    runner = Runner(RunConfig(model=str(source), methods=["svd"], ratios=[0.4], tasks=[], out=str(tmp_path / "r")))
+    in_memory, _, _ = runner.compress_one("svd", 0.4)
+    reloaded = load_model(str(out))
+    assert torch.equal(logits(reloaded.model), logits(in_memory))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["source_model"]["identity"] == runner.loaded.identity
+    assert manifest["svdbench_version"] and manifest["config"] == {}
