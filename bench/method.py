@@ -75,6 +75,7 @@ class Method:
     config_class: ClassVar[type] = NoConfig
     requires: ClassVar[tuple[str, ...]] = ()
     needs_calibration_data: ClassVar[bool] = False  # calibration windows without statistics
+    uses_ratio: ClassVar[bool] = True  # False: the method removes no parameters (e.g. plain quantization)
 
     def make_config(self, **options) -> Any:
         """Build the config from ``--method-option`` values, rejecting unknown keys."""

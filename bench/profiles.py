@@ -36,6 +36,10 @@ PROFILES: dict[str, dict] = {
         "calib_samples": 16,
         "calib_seqlen": 256,
         "seed": 3,
+        # CPU-sized budgets for the two costly stages: ASVD's sensitivity search
+        # (1,260 perplexity evaluations) and the sequential LoRA update
+        "method_option": ["asvd.sensitivity_samples=1", "asvd.sensitivity_seqlen=128",
+                          "svdllm.update_steps=8", "svdllm_u.update_steps=8"],
     },
     "paper": {
         "model": "smollm2-135m",

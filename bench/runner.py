@@ -69,9 +69,8 @@ class RunConfig:
             registry.get("method", name)
         for name in self.tasks:
             registry.get("task", name)
-        for name in self.method_options:
-            if name not in self.methods:
-                raise UsageError(f"--method-option names method '{name}', which is not in --methods")
+        for name, options in self.method_options.items():  # options of methods not run are checked, then unused
+            registry.get("method", name).make_config(**options)
         if self.seqlen < 2:
             raise UsageError("--seqlen must be at least 2")
         if self.limit is not None and self.limit < 1:
@@ -124,6 +123,10 @@ class Runner:
     def method_config(self, method: Method):
         return method.make_config(**self.config.method_options.get(method.name, {}))
 
+    def ratios_for(self, method: Method) -> list[float]:
+        """The run's ratios; a method that removes no parameters (``uses_ratio = False``) runs once, at 0."""
+        return self.config.ratios if method.uses_ratio else ([0.0] if self.config.ratios else [])
+
     def uses_calibration(self, method: Method) -> bool:
         return bool(method.requires) or method.needs_calibration_data
 
@@ -145,7 +148,7 @@ class Runner:
         for name in self.config.methods:
             method = self.registry.get("method", name)
             cfg = dataclasses.asdict(self.method_config(method))
-            for ratio in self.config.ratios:
+            for ratio in self.ratios_for(method):
                 for task in self.config.tasks:
                     rows.append((name, cfg, ratio, task, self.eval_key(name, cfg, ratio, task, self.uses_calibration(method))))
             for spec in self.config.budgets:
@@ -263,7 +266,7 @@ class Runner:
         config = self.method_config(method)
         config_dict = dataclasses.asdict(config)
         calibrated = self.uses_calibration(method)
-        todo = [r for r in self.config.ratios
+        todo = [r for r in self.ratios_for(method)
                 if not all(self.results.done(self.eval_key(name, config_dict, r, t, calibrated)) for t in self.config.tasks)]
         todo_budgets = [b for b in self.config.budgets
                         if not all(self.results.done(self.eval_key(name, config_dict, None, t, calibrated,

@@ -11,10 +11,9 @@ packed weights, scales, zero points, biases, plus the uncompressed
 embeddings, head and norms.
 
 ``hqq``: the same quantizer at the same bits applied to every target linear
-of the **dense** model - the baseline row. It removes no parameters, so the
-run's ``ratio`` has no meaning for it and is **ignored** (the runner requires
-every method to have a ratio in (0, 1); give ``hqq`` a single ratio, every
-ratio yields the same model). Its ``params_removed`` is 0 and its bytes show
+of the **dense** model - the baseline row. It removes no parameters
+(``uses_ratio = False``), so the runner evaluates it once per run and records
+it at ratio 0, whatever ``--ratios`` says. Its ``params_removed`` is 0 and its bytes show
 what quantization alone saves.
 
 GPTQ through llm-compressor is not offered: llmcompressor 0.14 requires
@@ -119,6 +118,7 @@ class SVDQuantHybrid(Method):
 
 class DenseHQQ(Method):
     name = "hqq"
+    uses_ratio = False  # the runner evaluates it once, at ratio 0
     description = "baseline: HQQ quantization of the dense model's target linears (the ratio is ignored)"
     config_class = QuantConfig
 

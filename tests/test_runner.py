@@ -127,3 +127,11 @@ def test_cli_run_on_the_real_model_resumes(tmp_path, capsys):
     second = json.loads((tmp_path / "results.json").read_text())
     assert [r["value"] for r in second["records"]] == [r["value"] for r in first["records"]]
     assert "decompose:svd" not in second["manifest"]["timings"]  # nothing recomputed
+
+
+def test_a_method_that_removes_no_parameters_runs_once_at_ratio_zero(tiny, tmp_path):
+    results = run(tiny, tmp_path, methods=["hqq", "svd"], ratios=[0.2, 0.6])
+    ratios = sorted((r["method"], r["ratio"]) for r in results.records)
+    assert ratios == [("dense", 0.0), ("hqq", 0.0), ("svd", 0.2), ("svd", 0.6)]
+    hqq = [r for r in results.records if r["method"] == "hqq"][0]
+    assert hqq["bytes"] < [r for r in results.records if r["method"] == "dense"][0]["bytes"]
