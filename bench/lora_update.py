@@ -34,6 +34,7 @@ from torch import nn
 
 from bench.errors import UsageError
 from bench.lowrank import LowRankLinear
+from bench.method import NoConfig
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,10 @@ class WithUpdate:
     """
 
     config_class = UpdateConfig
+
+    def decomposition_key(self, config: UpdateConfig) -> str:
+        # the update only refines: the base's decomposition, which has no settings
+        return super().decomposition_key(NoConfig())
 
     def refine(self, model: nn.Module, ratio: float, context, config: UpdateConfig) -> dict:
         facts = dict(super().refine(model, ratio, context, config))

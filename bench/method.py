@@ -6,7 +6,9 @@ A method goes through up to four stages; only ``decompose`` is required:
    collects each once per (model, calibration settings) and shares it.
 2. ``decompose`` - a ratio-independent :class:`~bench.lowrank.Factorization`
    of one matrix. A ratio sweep calls it once per matrix and truncates the
-   same factorization at every ratio.
+   same factorization at every ratio; methods whose ``decomposition_key`` is
+   equal (``svd`` and ``svdllm_u``, ``svdllm_w`` and ``svdllm``) share one
+   decomposition within a run.
 3. ``allocate`` - the rank of every matrix for a target ratio. The default
    gives every matrix the uniform rank of METHODS.md; methods with
    heterogeneous ratios (ASVD, SVD-LLM V2, DipSVD) override it.
@@ -97,6 +99,17 @@ class Method:
     def decompose(self, target: Target, weight: torch.Tensor, context: Context, config: Any) -> Factorization:
         """Factorize one matrix (ratio-independent)."""
         raise NotImplementedError
+
+    def decomposition_key(self, config: Any) -> str:
+        """What ``decompose`` computes: equal keys mean identical factorizations, shared within a run.
+
+        Default: the class that defines ``decompose`` and the whole config. A
+        method that reuses another's ``decompose`` with settings it does not
+        read (a refine-only variant) returns that method's key.
+        """
+        owner = next(c for c in type(self).__mro__ if "decompose" in vars(c))
+        fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+        return f"{owner.__module__}.{owner.__qualname__} {fields}"
 
     def allocate(self, ratio: float, factorizations: dict[str, Factorization], context: Context,
                  config: Any) -> dict[str, int]:

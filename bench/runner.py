@@ -113,6 +113,7 @@ class Runner:
         self.timings: dict[str, float] = {}
         self._batches = None
         self._stats = {}
+        self._last_decomposition: tuple[str, dict] | None = None
         self._group: dict[str, str] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -242,12 +243,29 @@ class Runner:
                        device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
 
     def decompose_all(self, method: Method, config, context: Context) -> dict:
-        """Every target's ratio-independent factorization."""
+        """Every target's ratio-independent factorization (the previous method's, when its key is the same)."""
+        key = method.decomposition_key(config)
+        if self._last_decomposition and self._last_decomposition[0] == key:
+            log.info("%s: reusing the decomposition just computed (%s)", method.name, key)
+            return self._last_decomposition[1]
+        self._last_decomposition = None  # free the previous one before computing the next
         start = time.perf_counter()
         factorizations = {t.name: method.decompose(t, context.weight(t), context, config)
                           for t in tqdm(self.targets, desc=f"{method.name}: decompose", leave=False, unit="matrix")}
         self._timed(f"decompose:{method.name}", start)
+        self._last_decomposition = (key, factorizations)
         return factorizations
+
+    def method_order(self) -> list[str]:
+        """The run's methods with those sharing a decomposition next to each other (first appearance first)."""
+        keys = {}
+        for name in self.config.methods:
+            method = self.registry.get("method", name)
+            keys[name] = method.decomposition_key(self.method_config(method))
+        first = {}
+        for name in self.config.methods:
+            first.setdefault(keys[name], len(first))
+        return sorted(self.config.methods, key=lambda name: first[keys[name]])
 
     def compress_one(self, name: str, ratio: float):
         """``(model, layers, refine facts)`` of one method at one ratio, without evaluating (``svdbench compress``)."""
@@ -340,7 +358,7 @@ class Runner:
         self.write_manifest()
         self.evaluate(self.loaded.model, DENSE, {}, 0.0, None,
                       accounting(self.loaded.model, None, self.dense_footprint), False)
-        for name in self.config.methods:
+        for name in self.method_order():
             try:
                 self.run_method(name)
             except (KeyboardInterrupt, UsageError):

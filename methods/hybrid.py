@@ -104,6 +104,10 @@ class SVDQuantHybrid(Method):
         base, base_config = self.base_and_config(config)
         return base.decompose(target, weight, context, base_config)
 
+    def decomposition_key(self, config) -> str:
+        base, base_config = self.base_and_config(config)
+        return base.decomposition_key(base_config)
+
     def allocate(self, ratio, factorizations, context, config) -> dict[str, int]:
         base, base_config = self.base_and_config(config)
         return base.allocate(ratio, factorizations, context, base_config)

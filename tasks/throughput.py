@@ -26,7 +26,8 @@ Measurements per grid point (the point is in ``extra``):
 MB here are MiB (2**20 bytes), as in the report. Speed depends on the machine
 and its load: compare models measured in the same run (dense is always
 measured first), as ratios. ``throughput`` has a grid sized for two CPU
-cores; ``throughput_v2`` is SVD-LLM V2's setting (batch 4, prompt 1024,
+cores; ``throughput_quick`` (batch 1, prompt 128, decode 16) is the main job's;
+``throughput_v2`` is SVD-LLM V2's setting (batch 4, prompt 1024,
 decode 256). ``limit`` and ``batch_size`` of the run do not apply.
 """
 
@@ -65,6 +66,7 @@ class Grid:
 
 
 CPU_GRID = Grid()
+QUICK_GRID = Grid(batch_sizes=(1,), prompt_lengths=(128,), decode_lengths=(16,), repeats=3, warmup=1)
 V2_GRID = Grid(batch_sizes=(4,), prompt_lengths=(1024,), decode_lengths=(256,), repeats=3, warmup=1)
 
 
@@ -201,4 +203,6 @@ class Throughput(Task):
 @hookimpl
 def register_tasks(register):
     register(Throughput("throughput", CPU_GRID))
+    register(Throughput("throughput_quick", QUICK_GRID, "one point (batch 1, prompt 128, decode 16): the main job's "
+                        "speed-up check, a few seconds per model on two CPU cores"))
     register(Throughput("throughput_v2", V2_GRID, "SVD-LLM V2 setting: batch 4, prompt 1024, decode 256"))

@@ -135,3 +135,19 @@ def test_a_method_that_removes_no_parameters_runs_once_at_ratio_zero(tiny, tmp_p
     assert ratios == [("dense", 0.0), ("hqq", 0.0), ("svd", 0.2), ("svd", 0.6)]
     hqq = [r for r in results.records if r["method"] == "hqq"][0]
     assert hqq["bytes"] < [r for r in results.records if r["method"] == "dense"][0]["bytes"]
+
+
+def test_methods_with_the_same_decomposition_share_it(tiny, tmp_path, monkeypatch):
+    """svd and svdllm_u (vanilla SVD + update) factorize once; fwsvd, listed between them, does not break that."""
+    from methods.svd import VanillaSVD
+
+    calls = []
+    original = VanillaSVD.decompose
+    monkeypatch.setattr(VanillaSVD, "decompose", lambda self, *a: calls.append(self.name) or original(self, *a))
+    run(tiny, tmp_path, methods=["svd", "fwsvd", "svdllm_u"], ratios=[0.4],
+        method_options={"svdllm_u": {"update_steps": "1", "batch_size": "1", "eval_examples": "1"}})
+    data = load_results(tmp_path)
+    assert set(calls) == {"svd"} and len(calls) == 14  # one factorization per matrix, not two
+    assert "decompose:svdllm_u" not in data["manifest"]["timings"]
+    rows = {r["method"]: r["value"] for r in data["records"]}
+    assert set(rows) == {"dense", "svd", "fwsvd", "svdllm_u"} and all(math.isfinite(v) for v in rows.values())

@@ -33,3 +33,5 @@ def test_registered_presets(registry):
     v2 = registry.get("task", "throughput_v2")
     assert v2.grid == V2_GRID and V2_GRID.points() == [(4, 1024, 256)]
     assert v2.settings_key(EvalSettings()) != registry.get("task", "throughput").settings_key(EvalSettings())
+    quick = registry.get("task", "throughput_quick")
+    assert quick.grid.points() == [(1, 128, 16)] and quick.grid.repeats >= 3
