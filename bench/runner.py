@@ -210,7 +210,10 @@ class Runner:
 
     def statistics_for(self, method: Method):
         missing = [name for name in method.requires if name not in self._stats]
-        if missing:
+        if missing:  # collect what every method of the run needs at once: one pass over the calibration data
+            for other in self.config.methods:
+                missing += [n for n in self.registry.get("method", other).requires
+                            if n not in self._stats and n not in missing]
             statistics = [self.registry.get("statistic", name) for name in missing]
             start = time.perf_counter()
             collected = collect_statistics(self.loaded.model, self.loaded.identity, self.targets,

@@ -151,3 +151,12 @@ def test_methods_with_the_same_decomposition_share_it(tiny, tmp_path, monkeypatc
     assert "decompose:svdllm_u" not in data["manifest"]["timings"]
     rows = {r["method"]: r["value"] for r in data["records"]}
     assert set(rows) == {"dense", "svd", "fwsvd", "svdllm_u"} and all(math.isfinite(v) for v in rows.values())
+
+
+def test_statistics_of_every_method_are_collected_in_one_pass(tiny, tmp_path):
+    """asvd (abs_mean) and svdllm_w (gram) in one run: one forward pass collects both."""
+    run(tiny, tmp_path, methods=["asvd", "svdllm_w"], ratios=[0.4],
+        method_options={"asvd": {"allocation": "uniform"}})
+    timings = load_results(tmp_path)["manifest"]["timings"]
+    passes = [key for key in timings if key.startswith("statistics:")]
+    assert len(passes) == 1 and {"abs_mean", "gram"} <= set(passes[0].split(":")[1].split(","))
