@@ -32,6 +32,7 @@ PROFILES: dict[str, dict] = {
         "tasks": ["wikitext2", "c4", "piqa", "arc_easy", "throughput_quick"],
         "seqlen": 256,
         "limit": 8,
+        "batch_size": 8,
         "calib_dataset": "wikitext2",
         "calib_samples": 16,
         "calib_seqlen": 256,
@@ -39,8 +40,11 @@ PROFILES: dict[str, dict] = {
         # CPU-sized budgets for the two costly stages: ASVD's sensitivity search
         # (its default, 210 linears x 6 kept fractions on 2 x 256 tokens, takes about
         # 20 min on two cores; here 210 x 3 on 128 tokens) and the sequential LoRA update
+        # (a step of 4 examples takes ~4 s here: 2 steps per phase is a smoke-sized update;
+        # the Table-4 ablation uses the default 24 - see README)
         "method_option": ["asvd.sensitivity_samples=1", "asvd.sensitivity_seqlen=128", "asvd.candidates=0.8,0.6,0.4",
-                          "svdllm.update_steps=8", "svdllm_u.update_steps=8"],
+                          "svdllm.update_steps=2", "svdllm.eval_examples=8",
+                          "svdllm_u.update_steps=2", "svdllm_u.eval_examples=8"],
     },
     "paper": {
         "model": "smollm2-135m",

@@ -216,10 +216,16 @@ def test_profiles_fill_unset_options_and_flags_win():
     assert "limit" not in applied and applied["methods"] == PROFILES["ci"]["methods"]
 
 
-def test_profile_values_are_valid_run_options():
+def test_profile_values_are_valid_run_options(registry):
+    from bench.cli import _method_options
+
     defaults = vars(build_parser().parse_args(["run"]))
     for name, profile in PROFILES.items():
         assert set(profile) <= set(defaults), name
+        for method, options in _method_options(profile.get("method_option", [])).items():
+            registry.get("method", method).make_config(**options)  # raises on an unknown option or bad value
+        for task in profile["tasks"]:
+            registry.get("task", task)
     assert PROFILES["paper"]["seqlen"] == 2048 and PROFILES["paper"]["limit"] is None
     assert PROFILES["paper"]["calib_samples"] == 256 and PROFILES["paper"]["calib_seqlen"] == 2048
 
