@@ -93,6 +93,15 @@ def _curves(records: list[dict], value) -> dict[str, list[tuple[float, float]]]:
     return {label: sorted(points) for label, points in curves.items()}
 
 
+def _figure_legend(fig, axes, fontsize: int = 8) -> None:
+    """One legend for every panel, right of the plotting area, so it never hides a curve."""
+    handles: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.0, 0.92))
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -130,7 +139,6 @@ def perplexity_vs_ratio(data: dict, path: Path, with_published: bool = False,
         ax.set_ylabel("perplexity (log scale, lower is better)")
         _percent_axis(ax, [r["ratio"] for r in task_records if r["method"] != DENSE])
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
     if published:
         ax = axes[0][-1]
         for method, points in published.items():
@@ -144,7 +152,7 @@ def perplexity_vs_ratio(data: dict, path: Path, with_published: bool = False,
         ax.set_ylabel("perplexity (log scale, lower is better)")
         _percent_axis(ax, [r for m, points in published.items() if m != DENSE for r, _ in points])
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    _figure_legend(fig, axes[0])
     fig.suptitle(f"Perplexity vs compression ratio - {_subtitle(data)}", fontsize=10)
     return _save(fig, path)
 
@@ -181,7 +189,7 @@ def accuracy_vs_ratio(data: dict, path: Path, styles: dict | None = None) -> Pat
     ax.set_title(f"Average accuracy ({', '.join(tasks)}) vs ratio\n{_subtitle(data)}", fontsize=9)
     _percent_axis(ax, [r for points in curves.values() for r, _ in points])
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _figure_legend(fig, [ax])
     return _save(fig, path)
 
 
@@ -217,11 +225,7 @@ def perplexity_vs_bytes(data: dict, path: Path, styles: dict | None = None) -> P
         ax.set_ylabel("perplexity (log scale, lower is better)")
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
-    handles: dict = {}
-    for ax in axes[0]:  # one legend for every panel, outside the plotting area
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.92))
+    _figure_legend(fig, axes[0])
     fig.suptitle(f"Perplexity vs memory (down-left is better) - {_subtitle(data)}; "
                  f"unquantized weights in {dtype_bits(data.get('manifest', {}))}-bit", fontsize=9)
     return _save(fig, path)
@@ -256,7 +260,7 @@ def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Pa
         ax.set_title(metric + (f" [{grids[0]}]" if len(grids) == 1 and grids[0] else ""), fontsize=9)
         _percent_axis(ax, [r["ratio"] for r in records if r["method"] != DENSE])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+    _figure_legend(fig, axes[0], fontsize=7)
     fig.suptitle(f"Throughput speed-up vs ratio - {_subtitle(data)}", fontsize=9)
     return _save(fig, path)
 
