@@ -245,10 +245,10 @@ class Runner:
                        calibration=self.calibration_batches() if self.uses_calibration(method) else None,
                        device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
 
-    def decompose_all(self, method: Method, config, context: Context) -> dict:
-        """Every target's ratio-independent factorization (the previous method's, when its key is the same)."""
+    def decompose_all(self, method: Method, config, context: Context, reuse: bool = True) -> dict:
+        """Every target's ratio-independent factorization (the previous method's, when its key is the same and ``reuse``)."""
         key = method.decomposition_key(config)
-        if self._last_decomposition and self._last_decomposition[0] == key:
+        if reuse and self._last_decomposition and self._last_decomposition[0] == key:
             log.info("%s: reusing the decomposition just computed (%s)", method.name, key)
             return self._last_decomposition[1]
         self._last_decomposition = None  # free the previous one before computing the next
