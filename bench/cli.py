@@ -161,11 +161,11 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from bench.regression import compare, format_rows, parse_overrides
+    from bench.regression import compare, format_rows, parse_overrides, run_differences
     from bench.results import load_results
 
-    rows = compare(load_results(args.dir_a), load_results(args.dir_b), args.tolerance,
-                   parse_overrides(args.metric_tolerance))
+    data_a, data_b = load_results(args.dir_a), load_results(args.dir_b)
+    rows = compare(data_a, data_b, args.tolerance, parse_overrides(args.metric_tolerance))
     if not rows:
         raise UsageError(f"{args.dir_a} and {args.dir_b} share no (model, method, ratio, task, metric) row")
     flagged = [row for row in rows if row.flagged]
@@ -173,6 +173,10 @@ def _compare(args) -> int:
     counts = {status: sum(row.status == status for row in rows) for status in ("better", "worse", "changed", "non-finite")}
     print(f"\nA = {args.dir_a}, B = {args.dir_b}; diff = B - A, rel = diff / |A|; {len(rows)} shared rows, "
           + ", ".join(f"{n} {status}" for status, n in counts.items()) + " beyond tolerance")
+    diffs = run_differences(data_a, data_b)
+    if diffs:
+        print("settings differ between the runs, so not every difference is the methods':\n"
+              + "\n".join(f"  {name}: A {a!r}, B {b!r}" for name, a, b in diffs))
     return 0
 
 

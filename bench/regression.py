@@ -249,5 +249,17 @@ def format_rows(rows: list[Row], label_a: str = "A", label_b: str = "B") -> str:
     return "\n".join(text)
 
 
+def run_differences(data_a: dict, data_b: dict) -> list[tuple[str, object, object]]:
+    """(setting, value in A, value in B) for every value-determining setting two runs do not share."""
+    as_baseline = {"config": run_config(data_a.get("manifest", {})), "records": data_a.get("records", [])}
+    diffs = []
+    for name, a, b in config_differences(as_baseline, data_b.get("manifest", {})):
+        if isinstance(a, dict) and isinstance(b, dict):  # only the fields that differ
+            fields = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            a, b = {k: a.get(k) for k in fields}, {k: b.get(k) for k in fields}
+        diffs.append((name, a, b))
+    return diffs
+
+
 def format_config_diffs(diffs: list[tuple[str, object, object]]) -> str:
     return "\n".join(f"  {name}: baseline {want!r}, run {got!r}" for name, want, got in diffs)

@@ -250,3 +250,12 @@ def test_profile_names_are_registered(registry):
         if profile["methods"] != "all":
             for method in profile["methods"].split(","):
                 assert method in registry.methods, (name, method)
+
+
+def test_compare_names_the_settings_two_runs_do_not_share(data):
+    from bench.regression import run_differences
+
+    other = json.loads(json.dumps(data))
+    other["manifest"]["config"]["seqlen"] = 128
+    assert run_differences(data, data) == []
+    assert ("seqlen", data["manifest"]["config"]["seqlen"], 128) in run_differences(data, other)
