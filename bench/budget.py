@@ -62,11 +62,16 @@ def bisect_ratio(size_at: Callable[[float], int], budget: int, dense_bytes: int,
                  tol: float = TOLERANCE) -> tuple[float, int]:
     """Smallest ratio in [0, hi] (to ``tol``) whose ``size_at(ratio) <= budget``, and its size.
 
-    ``size_at(0)`` is taken to be ``dense_bytes``. Raises ValueError when even
+    Ratio 0 is tried first: a model whose ``refine`` shrinks storage (quantized
+    factors) may fit the budget without removing any parameter, and then 0 -
+    not the bisection's ``tol`` - is the answer. Raises ValueError when even
     ``hi`` does not fit.
     """
     if budget >= dense_bytes:
         return 0.0, dense_bytes
+    zero_size = size_at(0.0)
+    if zero_size <= budget:
+        return 0.0, zero_size
     hi_size = size_at(hi)
     if hi_size > budget:
         raise ValueError(f"budget of {budget / 1e6:.1f} MB is below the smallest model this method makes "

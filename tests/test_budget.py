@@ -127,3 +127,13 @@ def test_runner_budget_records_resume_and_report(tiny, tmp_path):
     assert {r["key"] for r in again["records"]} == keys and len(again["records"]) == len(data["records"])
     assert not any("budget" in label for label in again["manifest"]["timings"] if label.startswith("compress"))
     assert "SVD-LLM Table 7" in render_markdown(again)
+
+
+def test_a_quantizing_method_that_fits_without_removing_parameters_gets_ratio_zero():
+    """Half precision alone halves the bytes: a 0.6 budget needs no truncation, so the ratio is 0, not ``tol``."""
+    method = HalfPrecisionRefine()
+    model = small_model()
+    targets, context, config, factorizations = _setup(method, model)
+    dense = footprint(model)["bytes"]
+    fit = fit_budget(method, config, context, targets, factorizations, int(0.6 * dense))
+    assert fit.ratio == 0.0 and fit.bytes <= 0.6 * dense
