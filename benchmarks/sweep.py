@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     registry = load_registry()
     names = sorted(registry.methods) if args.methods == "all" else args.methods.split(",")
+    ratio_free = [n for n in names if not registry.get("method", n).uses_ratio]
+    if ratio_free:  # e.g. hqq: the runner evaluates it once, at ratio 0, so there is no sweep to measure
+        print(f"skipped (no ratio sweep: they run once): {', '.join(ratio_free)}", file=sys.stderr)
+        names = [n for n in names if n not in ratio_free]
     ratios = [float(r) for r in args.ratios.split(",")]
     options: dict[str, dict[str, str]] = {"asvd": {"allocation": "uniform"}} if "asvd" in names else {}
     for item in args.method_option:
