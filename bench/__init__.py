@@ -1,18 +1,48 @@
 """svdbench: a harness that compares SVD compression methods for LLMs.
 
-Plugin authors need only what this module exports::
+This module is the public plugin API. Plugins - the built-in methods, tasks,
+statistics and reports as much as third-party ones - import only what it
+exports::
 
     from bench import hookimpl, Method, Task, Factorization, factorize
+
+The host's own sub-packages (``bench.engine``, ``bench.model``, ``bench.cli``)
+are not part of the API.
 """
 
-from bench.hookspecs import hookimpl  # first: the modules below import it
+import importlib
 
-from bench.calibration import Statistic  # noqa: E402
-from bench.lowrank import Diagonal, Factorization, Identity, RightTransform, factorize, rank_for_ratio  # noqa: E402
-from bench.method import Context, Method, NoConfig  # noqa: E402
-from bench.task import EvalSettings, Measurement, Task  # noqa: E402
+# Each public name and the module that defines it. They are imported on first
+# use (PEP 562), so `import bench` - and the `svdbench` command, which must set
+# its thread policy before torch starts - does not import torch.
+_API = {
+    **dict.fromkeys(('build_config', 'config_dict'), "bench.api.configs"),
+    **dict.fromkeys(('Command', 'hookimpl'), "bench.api.hookspecs"),
+    **dict.fromkeys(('Diagonal', 'Eigen', 'Factorization', 'Identity', 'LowerTriangular', 'RightTransform', 'cholesky_whitening', 'eigen_whitening', 'factorize', 'is_worth_factorizing', 'rank_for_ratio'), "bench.api.lowrank"),
+    **dict.fromkeys(('Allocation', 'Context', 'Method', 'NoConfig', 'PaperNotes', 'uniform_ranks'), "bench.api.method"),
+    **dict.fromkeys(('DENSE', 'RESULTS_FILE', 'Record', 'format_budget', 'format_point', 'load_results'), "bench.api.record"),
+    **dict.fromkeys(('CalibrationStats', 'Statistic'), "bench.api.statistic"),
+    **dict.fromkeys(('METRIC_KINDS', 'EvalSettings', 'Measurement', 'Metric', 'Task'), "bench.api.task"),
+    **dict.fromkeys(('EVALUATION_CORPORA', 'checksums', 'data_file', 'evaluation_text'), "bench.corpora"),
+    **dict.fromkeys(('UsageError', 'unknown_name'), "bench.errors"),
+    **dict.fromkeys(('LowRankLinear',), "bench.model.layers"),
+    **dict.fromkeys(('first_nonfinite_module',), "bench.model.numerics"),
+    **dict.fromkeys(('BITS', 'META_DTYPES', 'QuantizedLinear', 'quantize_linears'), "bench.model.quantized"),
+    **dict.fromkeys(('Target', 'decoder_blocks', 'footprint', 'set_module'), "bench.model.targets"),
+    **dict.fromkeys(('JsonCache', 'atomic_write_text', 'cache_root', 'json_key', 'sha256_file'), "bench.storage"),
+}
 
 __version__ = "0.1.0"
+__all__ = [*_API, "__version__"]
 
-__all__ = ["hookimpl", "Method", "Context", "NoConfig", "Task", "EvalSettings", "Measurement", "Statistic",
-           "Factorization", "factorize", "rank_for_ratio", "RightTransform", "Identity", "Diagonal", "__version__"]
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

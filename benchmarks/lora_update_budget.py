@@ -2,8 +2,8 @@
 
 Compresses SmolLM2-135M (or ``--model``) with vanilla SVD at ``--ratio`` (the
 update's cost hardly depends on how the factors were found), then runs
-:func:`bench.lora_update.sequential_update` with the default
-:class:`~bench.lora_update.UpdateConfig` (or ``--steps`` / ``--batch-size``)
+:func:`methods.update.sequential_update` with the default
+:class:`~methods.update.UpdateConfig` (or ``--steps`` / ``--batch-size``)
 and prints the wall-clock and CPU seconds of each phase and the held-out
 loss before and after. CPU seconds divided by the thread count estimate the
 wall time on an otherwise idle machine when the CPU is shared.
@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from bench.compress import compress_model
-from bench.lora_update import UpdateConfig, sequential_update
-from bench.lowrank import factorize
-from bench.method import uniform_ranks
-from bench.models import find_targets, load_model
+from bench import factorize, uniform_ranks
+from bench.engine.compress import compress_model
+from bench.model.loading import load_model
+from bench.model.targets import find_targets
+from methods.update import UpdateConfig, sequential_update
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
 """Sweep efficiency: compression time for one ratio versus four, per registered method.
 
 A ratio sweep decomposes every matrix once and only re-allocates and rebuilds
-the model per ratio (bench/runner.py), so four ratios should cost at most
-1.5x one ratio. This script measures it on SmolLM2-135M (or ``--model``) with
-the harness's own pieces: ``Runner.method_context`` collects the statistics
-(timed separately and excluded), ``Runner.decompose_all`` decomposes every
-matrix once, then ``allocate`` + :func:`bench.compress.compress_model` run
-per ratio.
+the model per ratio (bench/engine/executor.py), so four ratios should cost at
+most 1.5x one ratio. This script measures it on SmolLM2-135M (or ``--model``)
+with the harness's own pieces: ``Workspace.context`` collects the statistics
+(timed separately and excluded), ``Workspace.decompose`` decomposes every
+matrix once, then ``allocate`` + :func:`bench.engine.compress.compress_model`
+run per ratio.
 ASVD's sensitivity search is excluded, as issue 3 asks, by timing ASVD with
 ``asvd.allocation=uniform`` unless ``--method-option`` says otherwise; and
 ``allocate`` is called once untimed before timing so that any other one-off
@@ -27,20 +27,20 @@ import sys
 import tempfile
 import time
 
-from bench.calibration import CalibrationConfig
-from bench.compress import compress_model
-from bench.models import load_model
-from bench.plugins import load_registry
-from bench.runner import RunConfig, Runner
+from bench.engine.compress import allocation_of, compress_model
+from bench.engine.config import CalibrationConfig, RunConfig
+from bench.engine.executor import Workspace
+from bench.engine.plugins import load_registry
+from bench.model.loading import load_model
 
 LIMIT = 1.5
 
 
-def build_all(method, config, context, factorizations, ratios) -> float:
+def build_all(method, context, factorizations, ratios) -> float:
     """Seconds to allocate ranks and build the compressed model for each ratio."""
     start = time.perf_counter()
     for ratio in ratios:
-        ranks = method.allocate(ratio, factorizations, context, config)
+        ranks = allocation_of(method, ratio, factorizations, context).ranks
         model, _ = compress_model(context.model, context.targets, factorizations, ranks)
         del model
     return time.perf_counter() - start
@@ -71,30 +71,30 @@ def main(argv: list[str] | None = None) -> int:
         options.setdefault(method_name, {})[option] = value
     loaded = load_model(args.model)
     with tempfile.TemporaryDirectory() as out:
-        runner = Runner(RunConfig(model=args.model, methods=names, ratios=ratios, tasks=[], out=out, method_options=options,
-                                  calibration=CalibrationConfig(samples=args.calib_samples, seqlen=args.calib_seqlen)),
-                        registry=registry, loaded=loaded)
-        runner.prepare()
+        config = RunConfig(model=args.model, methods=tuple(names), ratios=tuple(ratios), out=out,
+                           method_options=options,
+                           calibration=CalibrationConfig(samples=args.calib_samples, seqlen=args.calib_seqlen))
+        workspace = Workspace(config, registry, loaded)
         rows = []
         for name in names:
-            method = registry.get("method", name)
-            config = runner.method_config(method)
+            method = workspace.create(name)
             start = time.perf_counter()
-            context = runner.method_context(method)  # collects the statistics (excluded from the times)
+            context = workspace.context(method)  # collects the statistics (excluded from the times)
             stats_s = time.perf_counter() - start
+            workspace._last = None  # each method's own decomposition cost, nothing shared
             start = time.perf_counter()
-            factorizations = runner.decompose_all(method, config, context, reuse=False)  # each method's own cost
+            factorizations = workspace.decompose(method, context)
             decompose_s = time.perf_counter() - start
-            method.allocate(args.single, factorizations, context, config)  # untimed: one-off cached searches
-            one = decompose_s + build_all(method, config, context, factorizations, [args.single])
-            four = decompose_s + build_all(method, config, context, factorizations, ratios)
+            allocation_of(method, args.single, factorizations, context)  # untimed: one-off cached searches
+            one = decompose_s + build_all(method, context, factorizations, [args.single])
+            four = decompose_s + build_all(method, context, factorizations, ratios)
             label = name + "".join(f" ({k}={v})" for k, v in options.get(name, {}).items())
             rows.append((label, stats_s, decompose_s, one, four, four / one))
             print(f"{name}: decompose {decompose_s:.1f}s, 1 ratio {one:.1f}s, {len(ratios)} ratios {four:.1f}s", file=sys.stderr)
             del factorizations
             gc.collect()
 
-    print(f"\nmodel {loaded.name}, {len(runner.targets)} matrices, calibration {args.calib_samples} x {args.calib_seqlen} tokens; "
+    print(f"\nmodel {loaded.name}, {len(workspace.targets)} matrices, calibration {args.calib_samples} x {args.calib_seqlen} tokens; "
           f"1 ratio = {args.single}, {len(ratios)} ratios = {args.ratios}; statistics excluded from the times")
     print(f"| method | statistics s (excluded) | decompose s | 1 ratio s | {len(ratios)} ratios s | {len(ratios)}-ratio / 1-ratio |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -48,9 +48,9 @@ def main() -> None:
     import torch
 
     from bench import hookimpl
-    from bench.calibration import CalibrationConfig
-    from bench.plugins import load_registry
-    from bench.runner import RunConfig, Runner
+    from bench.engine.config import CalibrationConfig, RunConfig
+    from bench.engine.executor import run
+    from bench.engine.plugins import load_registry
     from tasks.throughput import CPU_GRID, V2_GRID, Throughput
 
     if args.threads:
@@ -68,10 +68,10 @@ def main() -> None:
 
     registry = load_registry(extra=[("throughput_bench", Plugin())])
     out = args.out or tempfile.mkdtemp(prefix="svdbench-throughput-")
-    config = RunConfig(model=args.model, methods=[args.method], ratios=[float(r) for r in args.ratios.split(",")],
-                       tasks=[task.name], device=args.device,
+    config = RunConfig(model=args.model, methods=(args.method,), ratios=tuple(float(r) for r in args.ratios.split(",")),
+                       tasks=(task.name,), device=args.device,
                        calibration=CalibrationConfig(samples=args.calib_samples, seqlen=args.calib_seqlen), out=out)
-    results = Runner(config, registry=registry).run()
+    results = run(config, registry=registry)
     print_table(results.data["records"], grid, torch.get_num_threads())
     if results.data["failures"]:
         print("failures:", [f["error"] for f in results.data["failures"]])
@@ -81,7 +81,7 @@ def main() -> None:
 def print_table(records: list[dict], grid, threads: int) -> None:
     cells: dict = {}
     for r in records:
-        x = r["extra"]
+        x = r["point"]
         point = (x["batch_size"], x["prompt_len"], x["decode_len"])
         cells.setdefault((point, r["method"], r["ratio"]), {"MiB": r["bytes"] / 2**20})[r["metric"]] = r["value"]
     print(f"\ngrid: batch {grid.batch_sizes} x prompt {grid.prompt_lengths} x decode {grid.decode_lengths}, "
@@ -92,7 +92,9 @@ def print_table(records: list[dict], grid, threads: int) -> None:
     for (point, method, ratio), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != "dense", kv[0][2])):
         dense = cells.get((point, "dense", 0.0), {})
         name = "dense" if method == "dense" else f"{method}@{ratio:.0%}"
-        up = lambda m: c[m] / dense[m] if dense.get(m) else float("nan")  # noqa: E731
+        def up(metric: str, c=c, dense=dense) -> float:
+            return c[metric] / dense[metric] if dense.get(metric) else float("nan")
+
         print(" | ".join([*map(str, point), name, f"{c['MiB']:.1f}", f"{c['prefill_tok_s']:.1f}",
                           f"{up('prefill_tok_s'):.2f}", f"{c['decode_tok_s']:.1f}", f"{up('decode_tok_s'):.2f}",
                           f"{c['peak_mem_mb']:.1f}", f"{c['kv_cache_mb']:.2f}"]))

@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +58,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench import Diagonal, Factorization, Method, factorize, hookimpl
-from bench.errors import UsageError
-from bench.lowrank import is_worth_factorizing, rank_for_ratio
-from bench.method import Context, uniform_ranks
-from bench.models import Target, decoder_blocks
+from bench import (
+    Allocation,
+    Context,
+    Diagonal,
+    Factorization,
+    JsonCache,
+    Method,
+    Target,
+    UsageError,
+    decoder_blocks,
+    factorize,
+    hookimpl,
+    is_worth_factorizing,
+    rank_for_ratio,
+    uniform_ranks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +86,7 @@ class ASVDConfig:
     alpha: float = 0.5
     eps: float = 1e-6
     allocation: str = "sensitivity"  # "sensitivity" (the reference's search) or "uniform"
-    candidates: str = "0.9,0.8,0.7,0.6,0.5,0.4"  # kept fractions tried per linear
+    candidates: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # kept fractions tried per linear
     sensitivity_samples: int = 2  # calibration windows used by the search
     sensitivity_seqlen: int = 256  # tokens of each of those windows
 
@@ -88,16 +97,12 @@ class ASVDConfig:
             raise UsageError("asvd needs alpha >= 0 and eps > 0")
         if self.sensitivity_samples < 1 or self.sensitivity_seqlen < 2:
             raise UsageError("asvd.sensitivity_samples must be >= 1 and asvd.sensitivity_seqlen >= 2")
-        kept = self.kept_candidates
-        if not kept or any(not 0 < p < 1 for p in kept):
+        if not self.candidates or any(not 0 < p < 1 for p in self.candidates):
             raise UsageError(f"asvd.candidates={self.candidates!r} must be comma-separated kept fractions in (0, 1)")
 
     @property
     def kept_candidates(self) -> list[float]:
-        try:
-            return sorted({float(x) for x in self.candidates.split(",")}, reverse=True)
-        except ValueError:
-            return []
+        return sorted(set(self.candidates), reverse=True)
 
 
 def activation_scale(abs_mean: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
@@ -203,45 +208,6 @@ def measure_sensitivity(model: nn.Module, targets: list[Target], factorizations:
     return table
 
 
-class SensitivityCache:
-    """Verified JSON files ``<root>/<key>.json`` holding the fields and the table."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    @staticmethod
-    def key(fields: dict) -> str:
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
-
-    @staticmethod
-    def digest(table: dict) -> str:
-        return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
-
-    def load(self, fields: dict) -> dict | None:
-        path = self.root / f"{self.key(fields)}.json"
-        if not path.exists():
-            return None
-        try:
-            entry = json.loads(path.read_text())
-            if entry["fields"] != fields:
-                raise ValueError("its settings do not match")
-            if self.digest(entry["table"]) != entry["sha256"]:
-                raise ValueError("its checksum does not match")
-            return {name: {k: float(v) for k, v in row.items()} for name, row in entry["table"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning("asvd sensitivity cache entry %s is unusable: %s; rebuilding it", path.name, error)
-            return None
-
-    def save(self, fields: dict, table: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{self.key(fields)}.json"
-        tmp = path.with_suffix(".tmp")
-        # JSON has no infinity: store it as a string float() reads back
-        stored = {name: {k: (v if math.isfinite(v) else "inf") for k, v in row.items()} for name, row in table.items()}
-        tmp.write_text(json.dumps({"fields": fields, "table": stored, "sha256": self.digest(stored)}, indent=1))
-        os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- allocation
 
 def sensitivity_ranks(targets: list[Target], table: dict[str, dict[str, float]], budget: int) -> dict[str, int | None]:
@@ -298,9 +264,7 @@ class ASVD(Method):
     config_class = ASVDConfig
     requires = ("abs_mean",)
     needs_calibration_data = True
-
-    def __init__(self) -> None:
-        self.notes: dict[tuple[str, float], dict] = {}  # (model identity, ratio) -> facts for the record
+    components = {"transform": "activation scaling", "update": "no"}
 
     def decompose(self, target, weight, context, config) -> Factorization:
         scale = activation_scale(context.stats.get("abs_mean", target.name), config.alpha, config.eps)
@@ -317,10 +281,11 @@ class ASVD(Method):
         """The sensitivity table, from the cache or measured (and then cached); plus facts for the record."""
         ids = sensitivity_windows(context, config)
         fields = self.cache_fields(context, config, ids)
-        cache = SensitivityCache(Path(context.cache_dir) / "asvd_sensitivity")
-        table = cache.load(fields)
-        if table is not None:
-            log.info("asvd: sensitivity table reused from the cache (%s)", cache.key(fields))
+        cache = JsonCache(Path(context.cache_dir) / "asvd_sensitivity", "asvd sensitivity")
+        stored = cache.load(fields)
+        if stored is not None:
+            log.info("asvd: sensitivity table reused from the cache (%s)", cache.path(fields).name)
+            table = {name: {k: float(v) for k, v in row.items()} for name, row in stored.items()}
             return table, {"sensitivity_cached": True, "sensitivity_tokens": list(ids.shape)}
         start = time.perf_counter()
         log.info("asvd: measuring sensitivity of %d linears x %d kept fractions on %d x %d calibration tokens",
@@ -329,11 +294,13 @@ class ASVD(Method):
                                     context.device)
         seconds = time.perf_counter() - start
         log.info("asvd: sensitivity search took %.1f s", seconds)
-        cache.save(fields, table)
+        # JSON has no infinity: store it as a string float() reads back
+        cache.save(fields, {name: {k: (v if math.isfinite(v) else "inf") for k, v in row.items()}
+                            for name, row in table.items()})
         return table, {"sensitivity_cached": False, "sensitivity_seconds": round(seconds, 3),
                        "sensitivity_tokens": list(ids.shape)}
 
-    def allocate(self, ratio, factorizations, context, config) -> dict[str, int]:
+    def allocate(self, ratio, factorizations, context, config) -> dict[str, int] | Allocation:
         if config.allocation == "uniform":
             return uniform_ranks(context.targets, ratio)
         table, facts = self.sensitivity(factorizations, context, config)
@@ -344,20 +311,15 @@ class ASVD(Method):
             log.warning("asvd: ratio %.2f needs more compression than the smallest candidate kept fraction %.2f "
                         "allows; using uniform ranks", ratio, min(config.kept_candidates))
             facts["allocation_fallback"] = "uniform (target beyond the smallest candidate)"
-            self.notes[(context.model_identity, ratio)] = facts
-            return uniform_ranks(context.targets, ratio)
+            return Allocation(uniform_ranks(context.targets, ratio), facts)
         dense = [name for name, r in ranks.items() if r is None]
         facts["dense_linears"] = len(dense)
-        self.notes[(context.model_identity, ratio)] = facts
         kept = sum(stored_params(t, ranks[t.name]) for t in context.targets)
         log.info("asvd at ratio %.2f: %d of %d parameters kept (budget %d), %d linears left dense",
                  ratio, kept, sum(t.out_features * t.in_features for t in context.targets), budget, len(dense))
         # a dense linear gets a rank that compress_model keeps dense
-        return {t.name: r if r is not None else min(t.out_features, t.in_features) for t, r in
-                ((t, ranks[t.name]) for t in context.targets)}
-
-    def refine(self, model, ratio, context, config) -> dict:
-        return self.notes.pop((context.model_identity, ratio), {})
+        return Allocation({t.name: r if r is not None else min(t.out_features, t.in_features)
+                           for t, r in ((t, ranks[t.name]) for t in context.targets)}, facts)
 
 
 @hookimpl

@@ -47,11 +47,18 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import Factorization, Method, factorize, hookimpl
-from bench.errors import UsageError
-from bench.lowrank import cholesky_whitening, rank_for_ratio
-from bench.method import Context, uniform_ranks
-from bench.models import Target
+from bench import (
+    Context,
+    Factorization,
+    Method,
+    Target,
+    UsageError,
+    cholesky_whitening,
+    factorize,
+    hookimpl,
+    rank_for_ratio,
+    uniform_ranks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +111,17 @@ def layer_kept_fractions(scores: dict[int, float], params: dict[int, int], targe
     low, high = min(low, target_kept), max(high, target_kept)
     values = list(scores.values())
     span = max(values) - min(values)
-    base = {l: target_kept + spread * (2 * (s - min(values)) / span - 1 if span > 0 else 0.0) for l, s in scores.items()}
+    base = {block: target_kept + spread * (2 * (s - min(values)) / span - 1 if span > 0 else 0.0)
+            for block, s in scores.items()}
     budget = target_kept * sum(params.values())
 
     def kept(shift: float) -> dict[int, float]:
-        return {l: min(high, max(low, b + shift)) for l, b in base.items()}
+        return {block: min(high, max(low, b + shift)) for block, b in base.items()}
 
     lo, hi = -1.0 - spread, 1.0 + spread  # kept(lo) is all `low`, kept(hi) all `high`
     for _ in range(100):
         mid = (lo + hi) / 2
-        if sum(f * params[l] for l, f in kept(mid).items()) < budget:
+        if sum(f * params[block] for block, f in kept(mid).items()) < budget:
             lo = mid
         else:
             hi = mid
@@ -130,9 +138,11 @@ class DipSVD(Method):
         gram = context.stats.get("gram", target.name).to(torch.float64)
         d = protection(gram, config.protect_fraction, config.protect_scale)
         transform, shift = cholesky_whitening(d[:, None] * gram * d[None, :])
+        factorization = factorize(weight, transform)
         if shift:
             log.warning("dipsvd: D G D of %s is not positive definite; shifted by %.3g before Cholesky", target.name, shift)
-        return factorize(weight, transform)
+            factorization.facts["cholesky_shift"] = shift
+        return factorization
 
     def layer_scores(self, context: Context, config: DipSVDConfig) -> dict[int, float]:
         """``S_l^e * U_l^(1-e)`` per block."""
@@ -159,7 +169,7 @@ class DipSVD(Method):
             params[target.block] += target.out_features * target.in_features
         kept = layer_kept_fractions(self.layer_scores(context, config), params, target_kept,
                                     config.spread, config.min_kept, config.max_kept)
-        log.info("dipsvd at ratio %.2f: kept fraction per block %s", ratio, {l: round(f, 3) for l, f in kept.items()})
+        log.info("dipsvd at ratio %.2f: kept fraction per block %s", ratio, {block: round(f, 3) for block, f in kept.items()})
         return {t.name: rank_for_ratio(t.out_features, t.in_features, max(0.0, 1 - kept[t.block]))
                 for t in context.targets}
 

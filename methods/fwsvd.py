@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import Diagonal, Factorization, Method, factorize, hookimpl
-from bench.errors import UsageError
+from bench import Diagonal, Factorization, Method, UsageError, factorize, hookimpl
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,24 @@
 """SVD + quantization (``svdllm_quant``) and its baseline, quantization alone (``hqq``).
 
 ``svdllm_quant``: a base SVD method compresses the model at ratio ``rho``
-(default ``svdllm_w``, whitening only - ``base=svdllm`` adds the update and is
-what the SVD-LLM paper pairs with 2-bit QuIP# in its Table 8), then both
-factors of every compressed matrix (``W_u`` and ``W_v``) are quantized to
-``bits`` bits with HQQ (:mod:`bench.quantize`: calibration-free, bit-packed,
-one float16 scale and zero point per group of 64 weights). Targets the base
-left dense are quantized as they are. The record's bytes are real bytes:
-packed weights, scales, zero points, biases, plus the uncompressed
+(``base``, any registered method that removes parameters; default
+``svdllm_w``, whitening only - ``base=svdllm`` adds the update and is what the
+SVD-LLM paper pairs with 2-bit QuIP# in its Table 8), then both factors of
+every compressed matrix (``W_u`` and ``W_v``) are quantized to ``bits`` bits
+with HQQ (:class:`bench.QuantizedLinear`: calibration-free, bit-packed, one
+float16 scale and zero point per group of 64 weights). Targets the base left
+dense are quantized as they are. The base is made from the registry for the
+run, with the run's options for that method (``--method-option
+svdllm.update_steps=8`` sets the update of ``base=svdllm`` too), and its
+settings are part of this method's resume key. The record's bytes are real
+bytes: packed weights, scales, zero points, biases, plus the uncompressed
 embeddings, head and norms.
 
 ``hqq``: the same quantizer at the same bits applied to every target linear
 of the **dense** model - the baseline row. It removes no parameters
 (``uses_ratio = False``), so the runner evaluates it once per run and records
-it at ratio 0, whatever ``--ratios`` says. Its ``params_removed`` is 0 and its bytes show
-what quantization alone saves.
-
-GPTQ through llm-compressor is not offered: llmcompressor 0.14 requires
-``transformers<=5.17`` and would downgrade the pinned transformers 5.23.
+it at ratio 0, whatever ``--ratios`` says. Its ``params_removed`` is 0 and its
+bytes show what quantization alone saves.
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bench import Factorization, Method, hookimpl
-from bench.errors import UsageError
-from bench.lora_update import UpdateConfig
-from bench.lowrank import LowRankLinear
-from bench.quantize import BITS, META_DTYPES, quantize_linears
-from methods.svd import VanillaSVD
-from methods.svdllm import SVDLLMWhitening
-from methods.svdllm_update import SVDLLM, SVDLLMUpdateOnly
-
-BASES = {"svd": VanillaSVD(), "svdllm_w": SVDLLMWhitening(), "svdllm_u": SVDLLMUpdateOnly(), "svdllm": SVDLLM()}
+from bench import (
+    BITS,
+    META_DTYPES,
+    Factorization,
+    LowRankLinear,
+    Method,
+    UsageError,
+    config_dict,
+    hookimpl,
+    quantize_linears,
+)
 
 
 def _check_quant(owner: str, bits: int, group_size: int, meta_dtype: str) -> None:
@@ -49,7 +51,7 @@ def _check_quant(owner: str, bits: int, group_size: int, meta_dtype: str) -> Non
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Quantizer settings shared by both methods."""
+    """Quantizer settings of the dense baseline."""
 
     bits: int = 4
     group_size: int = 64
@@ -61,18 +63,14 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class HybridConfig:
-    """Base SVD method, quantizer settings and (for update bases) the update budget."""
+    """The base SVD method (by name) and the quantizer settings."""
 
     base: str = "svdllm_w"
     bits: int = 4
     group_size: int = 64
     meta_dtype: str = "float16"
-    update_steps: int = UpdateConfig.update_steps  # only for base svdllm / svdllm_u
-    update_batch_size: int = UpdateConfig.batch_size
 
     def __post_init__(self):
-        if self.base not in BASES:
-            raise UsageError(f"svdllm_quant.base={self.base!r} is unknown; use one of {', '.join(BASES)}")
         _check_quant("svdllm_quant", self.bits, self.group_size, self.meta_dtype)
 
 
@@ -92,29 +90,39 @@ class SVDQuantHybrid(Method):
     name = "svdllm_quant"
     description = "base SVD method (default svdllm_w) at ratio rho, then both factors quantized with HQQ"
     config_class = HybridConfig
-    requires = ("gram",)  # what the default base needs; collected even for base=svd
 
-    def base_and_config(self, config: HybridConfig) -> tuple[Method, object]:
-        base = BASES[config.base]
-        if base.config_class is UpdateConfig:
-            return base, UpdateConfig(update_steps=config.update_steps, batch_size=config.update_batch_size)
-        return base, base.config_class()
+    def configured(self, config: HybridConfig, create) -> SVDQuantHybrid:
+        if config.base == self.name:
+            raise UsageError(f"{self.name}.base cannot be {self.name} itself; give an SVD method, e.g. svdllm_w")
+        method = super().configured(config, create)
+        method.base = create(config.base)
+        if not method.base.uses_ratio:
+            raise UsageError(f"{self.name}.base={config.base} removes no parameters; give an SVD method, e.g. svdllm_w")
+        return method
+
+    def required_statistics(self) -> tuple[str, ...]:
+        return self.base.required_statistics()
+
+    def uses_calibration(self) -> bool:
+        return self.base.uses_calibration()
+
+    def settings(self) -> dict:
+        return {**config_dict(self.config), "base_config": self.base.settings()}
+
+    def storage_bits(self) -> int:
+        return self.config.bits
 
     def decompose(self, target, weight, context, config) -> Factorization:
-        base, base_config = self.base_and_config(config)
-        return base.decompose(target, weight, context, base_config)
+        return self.base.decompose(target, weight, context, self.base.config)
 
     def decomposition_key(self, config) -> str:
-        base, base_config = self.base_and_config(config)
-        return base.decomposition_key(base_config)
+        return self.base.decomposition_key(self.base.config)
 
-    def allocate(self, ratio, factorizations, context, config) -> dict[str, int]:
-        base, base_config = self.base_and_config(config)
-        return base.allocate(ratio, factorizations, context, base_config)
+    def allocate(self, ratio, factorizations, context, config):
+        return self.base.allocate(ratio, factorizations, context, self.base.config)
 
     def refine(self, model, ratio, context, config) -> dict:
-        base, base_config = self.base_and_config(config)
-        facts = {"base": dict(base.refine(model, ratio, context, base_config))}
+        facts = {"base": dict(self.base.refine(model, ratio, context, self.base.config))}
         facts["quantization"] = quantize_targets(model, [t.name for t in context.targets], config.bits,
                                                  config.group_size, config.meta_dtype)
         return facts
@@ -125,6 +133,9 @@ class DenseHQQ(Method):
     uses_ratio = False  # the runner evaluates it once, at ratio 0
     description = "baseline: HQQ quantization of the dense model's target linears (the ratio is ignored)"
     config_class = QuantConfig
+
+    def storage_bits(self) -> int:
+        return self.config.bits
 
     def decompose(self, target, weight, context, config) -> Factorization:
         # Nothing to factorize: an empty factorization, never truncated because

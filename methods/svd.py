@@ -12,6 +12,7 @@ from bench import Factorization, Method, factorize, hookimpl
 class VanillaSVD(Method):
     name = "svd"
     description = "truncated SVD of each weight matrix (no calibration data)"
+    components = {"transform": "none", "update": "no"}
 
     def decompose(self, target, weight, context, config) -> Factorization:
         return factorize(weight)

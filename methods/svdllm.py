@@ -8,8 +8,8 @@ the smallest singular values is the best choice for the layer's output.
 
 When ``G`` is not positive definite (few calibration tokens, dead channels)
 the reference adds ``(-lambda_min + 1e-6) I`` and retries
-(:func:`bench.lowrank.cholesky_whitening`); the layer and the shift are logged
-and returned by ``refine`` so that they land in results.json.
+(:func:`bench.cholesky_whitening`); the layer and the shift are logged and
+returned in the factorization's facts, so that they land in results.json.
 
 This module holds the whitening only. The variants with SVD-LLM's LoRA update
 (``svdllm``, ``svdllm_u``) subclass :class:`SVDLLMWhitening` elsewhere.
@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from bench import Factorization, Method, factorize, hookimpl
-from bench.lowrank import cholesky_whitening
+from bench import Factorization, Method, cholesky_whitening, factorize, hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +28,16 @@ class SVDLLMWhitening(Method):
     name = "svdllm_w"
     description = "SVD-LLM truncation-aware whitening: SVD of W chol(X X^T)"
     requires = ("gram",)
-
-    def __init__(self) -> None:
-        # model identity -> {target: shift} for the grams that needed one
-        self.shifts: dict[str, dict[str, float]] = {}
+    components = {"transform": "whitening", "update": "no"}
 
     def decompose(self, target, weight, context, config) -> Factorization:
         transform, shift = cholesky_whitening(context.stats.get("gram", target.name))
-        shifts = self.shifts.setdefault(context.model_identity, {})
+        factorization = factorize(weight, transform)
         if shift:
             log.warning("%s: X X^T of %s is not positive definite; shifted by %.3g before Cholesky",
                         self.name, target.name, shift)
-            shifts[target.name] = shift
-        else:
-            shifts.pop(target.name, None)
-        return factorize(weight, transform)
-
-    def refine(self, model, ratio, context, config) -> dict:
-        shifts = self.shifts.get(context.model_identity, {})
-        return {"cholesky_shifts": dict(shifts)} if shifts else {}
+            factorization.facts["cholesky_shift"] = shift
+        return factorization
 
 
 @hookimpl

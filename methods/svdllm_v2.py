@@ -7,7 +7,7 @@ heterogeneous per-matrix ranks. No public code exists; this follows METHODS.md.
 (``W' = U_r U_r^T W`` with ``U_r`` the top eigenvectors of ``W G W^T``). A
 singular ``G`` (fewer calibration tokens than channels, dead channels) does
 not break it: the eigenvalues are damped, ``Lambda + delta * mean(Lambda)``
-(GPTQ-style, :func:`bench.lowrank.eigen_whitening`), instead of dropped. A
+(GPTQ-style, :func:`bench.eigen_whitening`), instead of dropped. A
 pure pseudo-inverse would zero every input direction the calibration data
 never visited and does far worse with few tokens (METHODS.md). The damping
 keeps ``S`` invertible, so ``W`` is kept as it is on those directions.
@@ -59,11 +59,18 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import Factorization, Method, factorize, hookimpl
-from bench.errors import UsageError
-from bench.lowrank import eigen_whitening, rank_for_ratio
-from bench.method import uniform_ranks
-from bench.models import Target
+from bench import (
+    Allocation,
+    Factorization,
+    Method,
+    Target,
+    UsageError,
+    eigen_whitening,
+    factorize,
+    hookimpl,
+    rank_for_ratio,
+    uniform_ranks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +81,16 @@ ALLOCATIONS = ("loss", "greedy", "uniform")
 class SVDLLMV2Config:
     delta: float = 1e-6  # eigenvalue damping, relative to mean(Lambda)
     allocation: str = "loss"  # "loss" (per-group rule), "greedy" (global), "uniform"
-    loss_exponents: str = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.75,1"  # grid for t in kept ~ L_i ** t
+    loss_exponents: tuple[float, ...] = (0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1)  # grid for t in kept ~ L_i ** t
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"svdllm_v2.allocation={self.allocation!r} is unknown; use one of: {', '.join(ALLOCATIONS)}")
         if self.delta < 0:
             raise UsageError(f"svdllm_v2.delta must be >= 0, got {self.delta}")
-        try:
-            exponents = [float(x) for x in self.loss_exponents.split(",")]
-        except ValueError:
-            exponents = []
-        if not exponents or any(not math.isfinite(x) or x < 0 for x in exponents):
-            raise UsageError(f"svdllm_v2.loss_exponents={self.loss_exponents!r} must be comma-separated numbers >= 0, e.g. 0,0.5,1")
-
-    @property
-    def exponents(self) -> list[float]:
-        return [float(x) for x in self.loss_exponents.split(",")]
+        if not self.loss_exponents or any(not math.isfinite(x) or x < 0 for x in self.loss_exponents):
+            raise UsageError(f"svdllm_v2.loss_exponents={self.loss_exponents!r} must be comma-separated numbers >= 0, "
+                             "e.g. 0,0.5,1")
 
 
 def max_useful_rank(target: Target) -> int:
@@ -209,14 +209,14 @@ class SVDLLMV2(Method):
     def decompose(self, target, weight, context, config) -> Factorization:
         return factorize(weight, eigen_whitening(context.stats.get("gram", target.name), config.delta))
 
-    def allocate(self, ratio, factorizations, context, config) -> dict[str, int]:
+    def allocate(self, ratio, factorizations, context, config) -> dict[str, int] | Allocation:
         if config.allocation == "uniform":
             return uniform_ranks(context.targets, ratio)
         if config.allocation == "greedy":
             return greedy_allocation(context.targets, factorizations, ratio)
-        ranks, chosen = loss_allocation(context.targets, factorizations, ratio, config.exponents)
+        ranks, chosen = loss_allocation(context.targets, factorizations, ratio, list(config.loss_exponents))
         log.info("svdllm_v2 at ratio %.2f: loss exponent per group %s", ratio, chosen)
-        return ranks
+        return Allocation(ranks, {"loss_exponents": chosen})
 
 
 @hookimpl

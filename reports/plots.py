@@ -3,7 +3,7 @@
 - ``perplexity_vs_ratio.png``: perplexity (log scale) against the ratio, a
   line per method, a panel per perplexity task (plus the published LLaMA-7B
   curves with ``--with-published``);
-- ``accuracy_vs_ratio.png``: the average zero-shot accuracy against the ratio;
+- ``accuracy_vs_ratio.png``: the tasks' declared average accuracy against the ratio;
 - ``perplexity_vs_bytes.png``: perplexity against model MiB for every
   compressed model (fixed ratios, budgets, quantized), with the Pareto front;
 - ``throughput_speedup.png``: compressed / dense tokens per second against
@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from reports.records import (DENSE, budget_of, dtype_bits, finite, grid_of, is_throughput, method_label, method_rank,
-                             metric_kind, task_rank)
-from reports.tables import average_accuracy, average_tasks, quality_records
+import pandas as pd
+
+from bench import DENSE
+from reports.published import table1_curves
+from reports.records import dtype_bits, finite, frame, label_rank, task_order
+from reports.tables import main_table, quality
 
 MARKERS = "osD^v<>pP*Xh"
 BUDGET = " (budget)"
@@ -35,9 +38,9 @@ def _pyplot():
     return plt
 
 
-def _styles(labels) -> dict[str, dict]:
-    """A fixed colour and marker per label, in the papers' method order (same in every plot of a report)."""
-    ordered = sorted(set(labels) - {DENSE} - {label for label in labels if label.endswith(BUDGET)}, key=method_rank)
+def _styles(labels, rank) -> dict[str, dict]:
+    """A fixed colour and marker per label, in the run's method order (same in every plot of a report)."""
+    ordered = sorted(set(labels) - {DENSE} - {label for label in labels if label.endswith(BUDGET)}, key=rank)
     from matplotlib import colormaps
 
     # ten strong colours first (the papers' methods come first), then the light tab20 shades
@@ -54,13 +57,11 @@ def _styles(labels) -> dict[str, dict]:
 
 def all_styles(data: dict, with_published: bool = False) -> dict[str, dict]:
     """Styles for every label any plot of this report draws."""
-    labels = [method_label(r) for r in data["records"]]
-    labels += [method_label(r) + BUDGET for r in data["records"] if budget_of(r) is not None]
+    df = frame(data)
+    labels = list(df["label"]) + [label + BUDGET for label in df.loc[df["budget"].notna(), "label"]]
     if with_published:
-        from reports.published import table1_curves
-
         labels += list(table1_curves())
-    return _styles(labels)
+    return _styles(labels, label_rank(data))
 
 
 def _subtitle(data: dict) -> str:
@@ -81,15 +82,13 @@ def _percent_axis(ax, ratios) -> None:
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
 
 
-def _curves(records: list[dict], value) -> dict[str, list[tuple[float, float]]]:
+def _curves(records: pd.DataFrame, values: pd.Series | None = None) -> dict[str, list[tuple[float, float]]]:
     """label -> sorted [(ratio, value)] of finite values, dense excluded."""
+    values = records["value"] if values is None else values
     curves: dict[str, list[tuple[float, float]]] = {}
-    for r in records:
-        if r["method"] == DENSE:
-            continue
-        v = value(r)
-        if finite(v):
-            curves.setdefault(method_label(r), []).append((r["ratio"], v))
+    for label, method, ratio, value in zip(records["label"], records["method"], records["ratio"], values):
+        if method != DENSE and finite(value):
+            curves.setdefault(label, []).append((ratio, value))
     return {label: sorted(points) for label, points in curves.items()}
 
 
@@ -112,32 +111,29 @@ def _save(fig, path: Path) -> Path:
 
 def perplexity_vs_ratio(data: dict, path: Path, with_published: bool = False,
                         styles: dict | None = None) -> Path | None:
-    records = [r for r in quality_records(data) if metric_kind(r) == "perplexity"]
-    tasks = sorted({r["task"] for r in records}, key=task_rank)
-    if not tasks or not any(r["method"] != DENSE for r in records):
+    records = quality(frame(data))
+    records = records[records["kind"] == "perplexity"]
+    tasks = [t for t in task_order(data) if t in set(records["task"])]
+    if not tasks or (records["method"] == DENSE).all():
         return None
     plt = _pyplot()
-    published = None
-    if with_published:
-        from reports.published import table1_curves
-
-        published = table1_curves()
+    published = table1_curves() if with_published else None
     panels = len(tasks) + (1 if published else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
     styles = styles or all_styles(data, with_published)
     for ax, task in zip(axes[0], tasks):
-        task_records = [r for r in records if r["task"] == task]
-        skipped = sum(not finite(r["value"]) for r in task_records)
-        for label, points in _curves(task_records, lambda r: r["value"]).items():
+        task_records = records[records["task"] == task]
+        skipped = sum(not finite(v) for v in task_records["value"])
+        for label, points in _curves(task_records).items():
             ax.plot(*zip(*points), label=label, **styles[label])
-        for r in task_records:
-            if r["method"] == DENSE and finite(r["value"]):
-                ax.axhline(r["value"], color="black", linestyle="--", linewidth=1, label="dense")
+        for value in task_records.loc[task_records["method"] == DENSE, "value"]:
+            if finite(value):
+                ax.axhline(value, color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_yscale("log")
         ax.set_title(f"{task} (measured)" + (f", {skipped} non-finite omitted" if skipped else ""))
         ax.set_xlabel("ratio (fraction of parameters removed)")
         ax.set_ylabel("perplexity (log scale, lower is better)")
-        _percent_axis(ax, [r["ratio"] for r in task_records if r["method"] != DENSE])
+        _percent_axis(ax, list(task_records.loc[task_records["method"] != DENSE, "ratio"]))
         ax.grid(True, which="both", alpha=0.3)
     if published:
         ax = axes[0][-1]
@@ -158,17 +154,14 @@ def perplexity_vs_ratio(data: dict, path: Path, with_published: bool = False,
 
 
 def accuracy_vs_ratio(data: dict, path: Path, styles: dict | None = None) -> Path | None:
-    records = quality_records(data)
-    tasks = average_tasks(records)
-    if not tasks:
+    """The first declared task average (Table 1's last column) against the ratio."""
+    table = main_table(data, frame(data))
+    if table is None or not table.header[-1].startswith("avg "):
         return None
-    rows: dict[tuple[str, float], dict] = {}
-    for r in records:
-        rows.setdefault((method_label(r), r["ratio"]), {})[(r["task"], r["metric"])] = r
     curves: dict[str, list[tuple[float, float]]] = {}
     dense = None
-    for (label, ratio), cells in rows.items():
-        value = average_accuracy(cells, tasks)
+    for row in table.rows:
+        label, ratio, value = row[0], row[1], row[-1]
         if value is None:
             continue
         if label == DENSE:
@@ -180,13 +173,15 @@ def accuracy_vs_ratio(data: dict, path: Path, styles: dict | None = None) -> Pat
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     styles = styles or all_styles(data)
-    for label, points in sorted(curves.items(), key=lambda kv: method_rank(kv[0])):
+    rank = label_rank(data)
+    for label, points in sorted(curves.items(), key=lambda kv: rank(kv[0])):
         ax.plot(*zip(*sorted(points)), label=label, **styles[label])
     if dense is not None:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+    name = table.header[-1][:-2]
     ax.set_xlabel("ratio (fraction of parameters removed)")
-    ax.set_ylabel(f"average zero-shot acc over {len(tasks)} task(s) (higher is better)")
-    ax.set_title(f"Average accuracy ({', '.join(tasks)}) vs ratio\n{_subtitle(data)}", fontsize=9)
+    ax.set_ylabel(f"{name} (higher is better)")
+    ax.set_title(f"{name} vs ratio\n{_subtitle(data)}", fontsize=9)
     _percent_axis(ax, [r for points in curves.values() for r, _ in points])
     ax.grid(True, alpha=0.3)
     _figure_legend(fig, [ax])
@@ -204,20 +199,23 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def perplexity_vs_bytes(data: dict, path: Path, styles: dict | None = None) -> Path | None:
-    records = [r for r in data["records"] if metric_kind(r) == "perplexity" and not is_throughput(r)]
-    tasks = sorted({r["task"] for r in records}, key=task_rank)
-    if not tasks or len({r["bytes"] for r in records}) < 2:
+    df = frame(data)
+    records = df[df["kind"] == "perplexity"].copy()
+    tasks = [t for t in task_order(data) if t in set(records["task"])]
+    if not tasks or records["bytes"].nunique() < 2:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.4), squeeze=False)
-    labels = [method_label(r) + (BUDGET if budget_of(r) is not None else "") for r in records]
+    records["plot_label"] = [label + (BUDGET if budget is not None and budget == budget else "")
+                             for label, budget in zip(records["label"], records["budget"])]
     styles = styles or all_styles(data)
+    rank = label_rank(data)
     for ax, task in zip(axes[0], tasks):
-        task_records = [(label, r) for label, r in zip(labels, records) if r["task"] == task and finite(r["value"])]
-        for label in sorted({label for label, _ in task_records}, key=method_rank):
-            points = [(r["bytes"] / 2**20, r["value"]) for lab, r in task_records if lab == label]
-            ax.scatter(*zip(*points), label=label, s=36, zorder=3, **styles[label])
-        front = pareto_front([(r["bytes"] / 2**20, r["value"]) for _, r in task_records])
+        task_records = records[(records["task"] == task) & records["value"].map(finite)]
+        for label in sorted(set(task_records["plot_label"]), key=rank):
+            chosen = task_records[task_records["plot_label"] == label]
+            ax.scatter(chosen["bytes"] / 2**20, chosen["value"], label=label, s=36, zorder=3, **styles[label])
+        front = pareto_front(list(zip(task_records["bytes"] / 2**20, task_records["value"])))
         if len(front) > 1:
             ax.step(*zip(*front), where="post", color="grey", linewidth=1.2, alpha=0.8, label="Pareto front", zorder=2)
         ax.set_yscale("log")
@@ -227,18 +225,19 @@ def perplexity_vs_bytes(data: dict, path: Path, styles: dict | None = None) -> P
         ax.grid(True, which="both", alpha=0.3)
     _figure_legend(fig, axes[0])
     fig.suptitle(f"Perplexity vs memory (down-left is better) - {_subtitle(data)}; "
-                 f"unquantized weights in {dtype_bits(data.get('manifest', {}))}-bit", fontsize=9)
+                 f"unquantized weights in {dtype_bits(data)}-bit", fontsize=9)
     return _save(fig, path)
 
 
 def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Path | None:
-    records = [r for r in data["records"] if is_throughput(r) and metric_kind(r) == "throughput"
-               and budget_of(r) is None]
-    metrics = sorted({r["metric"] for r in records})
-    dense = {(r["metric"], grid_of(r)): r["value"] for r in records if r["method"] == DENSE}
-    if not metrics or not dense or all(r["method"] == DENSE for r in records):
+    df = frame(data)
+    records = df[(df["kind"] == "throughput") & df["budget"].isna()]
+    metrics = sorted(set(records["metric"]))
+    dense = {(m, p): v for m, p, v, meth in zip(records["metric"], records["point"], records["value"],
+                                                 records["method"]) if meth == DENSE}
+    if not metrics or not dense or (records["method"] == DENSE).all():
         return None
-    grids = sorted({grid_of(r) for r in records})
+    grids = sorted(set(records["point"]))
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.4 * len(metrics), 4.4), squeeze=False)
     styles = styles or all_styles(data)
@@ -248,8 +247,8 @@ def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Pa
             base = dense.get((metric, grid))
             if not base:
                 continue
-            chosen = [r for r in records if r["metric"] == metric and grid_of(r) == grid]
-            for label, points in _curves(chosen, lambda r: r["value"] / base).items():
+            chosen = records[(records["metric"] == metric) & (records["point"] == grid)]
+            for label, points in _curves(chosen, chosen["value"] / base).items():
                 ax.plot(*zip(*points), label=label if g == 0 else None, linestyle=linestyles[g % len(linestyles)],
                         **styles[label])
             if len(grids) > 1:  # one legend entry per grid point, by line style
@@ -258,7 +257,7 @@ def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Pa
         ax.set_xlabel("ratio (fraction of parameters removed)")
         ax.set_ylabel("speed-up over dense (higher is better)")
         ax.set_title(metric + (f" [{grids[0]}]" if len(grids) == 1 and grids[0] else ""), fontsize=9)
-        _percent_axis(ax, [r["ratio"] for r in records if r["method"] != DENSE])
+        _percent_axis(ax, list(records.loc[records["method"] != DENSE, "ratio"]))
         ax.grid(True, alpha=0.3)
     _figure_legend(fig, axes[0], fontsize=7)
     fig.suptitle(f"Throughput speed-up vs ratio - {_subtitle(data)}", fontsize=9)

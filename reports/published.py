@@ -14,7 +14,9 @@ import functools
 import json
 from pathlib import Path
 
-from reports.records import DENSE, bits_of, budget_of, is_throughput, method_rank
+from bench import DENSE
+from reports.format import markdown_table
+from reports.records import frame
 
 PUBLISHED_FILE = Path(__file__).with_name("published.json")
 
@@ -38,8 +40,6 @@ def _label(title: str) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    from reports.tables import markdown_table
-
     return markdown_table(header, rows)
 
 
@@ -49,7 +49,7 @@ def table1_block() -> list[str]:
     ratios = sorted({r for points in curves.values() for r, _ in points if r > 0})
     header = ["method"] + [f"wikitext2 ppl ↓ @ {r:.0%}" for r in ratios]
     rows = [[DENSE] + [pub["dense"]["wikitext2"]] * len(ratios)]
-    for method in sorted((m for m in curves if m != DENSE), key=method_rank):
+    for method in (m for m in curves if m != DENSE):
         values = dict(curves[method])
         rows.append([method] + [values.get(r) for r in ratios])
     return [_label("SVD-LLM Table 1 (WikiText-2 perplexity)"), "", _table(header, rows), "",
@@ -61,10 +61,10 @@ def table1_block() -> list[str]:
 def ordering_agreement(data: dict) -> list[str]:
     """Per ratio measured in both: the measured and the published WikiText-2 orderings of the shared methods."""
     measured: dict[float, dict[str, float]] = {}
-    for r in data["records"]:
-        if (r["task"] == "wikitext2" and r["metric"] == "perplexity" and budget_of(r) is None
-                and bits_of(r) is None and not is_throughput(r)):
-            measured.setdefault(round(r["ratio"], 4), {})[r["method"]] = r["value"]
+    df = frame(data)
+    chosen = df[(df["task"] == "wikitext2") & (df["kind"] == "perplexity") & df["budget"].isna() & df["bits"].isna()]
+    for ratio, method, value in zip(chosen["ratio"], chosen["method"], chosen["value"]):
+        measured.setdefault(round(ratio, 4), {})[method] = value
     published: dict[float, dict[str, float]] = {}
     for method, points in table1_curves().items():
         for ratio, value in points:

@@ -1,114 +1,107 @@
-"""What a results.json record *is*: its kind of metric, its variant, its row.
+"""A run's records as a pandas DataFrame, and what the manifest says about its methods and tasks.
 
-Tables, plots and the regression check all group records the same way; the
-rules live here once. A record is a dict written by ``bench.runner`` (model,
-method, ratio, task, metric, value, higher_is_better, params, bytes, config,
-extra, and optionally ``budget``). Quantized hybrids are told apart by a
-``bits`` field in their config, budget runs by their ``budget`` field and
-throughput measurements by their grid point (batch size, prompt and decode
-lengths in ``extra``).
+Every table, plot and regression row is built from :func:`frame`: one row per
+record of results.json, with the columns the :class:`bench.Record` schema
+defines (kind of metric, direction, bits, budget, grid point, variant) plus a
+few derived for display (``label``, ``stderr``, ``order``). Methods and
+tasks are ordered as the run listed them (the manifest's ``methods`` and
+``tasks``), the dense model first and perplexity tasks before the others;
+nothing here knows a method or task by name.
 """
 
 from __future__ import annotations
 
 import math
 
-from tasks.zeroshot import AVERAGE_METRIC, PAPER_TASKS as PAPER_ZERO_SHOT  # the six tasks SVD-LLM Table 1 averages
+import pandas as pd
 
-DENSE = "dense"
-ZERO_SHOT_ORDER = PAPER_ZERO_SHOT + ("arc_challenge",)
-PERPLEXITY_ORDER = ("wikitext2", "c4")
-# Known methods in the order the papers list them; others follow alphabetically.
-METHOD_ORDER = ("dense", "svd", "fwsvd", "asvd", "svdllm_w", "svdllm_u", "svdllm", "svdllm_v2", "dipsvd")
-ABLATION_METHODS = ("asvd", "svd", "svdllm_w", "svdllm_u", "svdllm")
-# Keys of ``extra`` that locate a throughput measurement on its grid.
-GRID_KEYS = ("batch_size", "batch", "prefill", "prefill_len", "prompt_len", "prompt_tokens", "decode", "decode_len",
-             "gen_len", "new_tokens", "generated")
-BITS_KEYS = ("bits", "nbits", "wbits", "quant_bits")
+from bench import DENSE, format_point
+
+COLUMNS = ["key", "model", "method", "ratio", "task", "metric", "column", "value", "kind", "higher_is_better", "params",
+           "bytes", "bits", "budget", "variant", "point", "label", "stderr", "params_removed"]
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+QUALITY_KINDS = ("perplexity", "accuracy", "other")  # what a quality table shows (not speed or memory)
 
 
-def metric_kind(record: dict) -> str:
-    """'perplexity', 'accuracy', 'throughput', 'memory', 'stderr' or 'other'."""
-    metric = record["metric"].lower()
-    if metric.endswith("stderr") or metric.endswith("_se"):
-        return "stderr"
-    if "perplexity" in metric or metric in ("ppl", "word_perplexity"):
-        return "perplexity"
-    if metric.startswith("acc") or metric in ("exact_match", "f1", "mc1", "mc2"):
-        return "accuracy"
-    if metric.endswith("tok_s") or metric.endswith("per_s") or "tokens_per_second" in metric:
-        return "throughput"
-    if metric.endswith("_mb") or metric.endswith("_bytes") or "mem" in metric:
-        return "memory"
-    return "other"
-
-
-def is_throughput(record: dict) -> bool:
-    return record["task"].startswith("throughput") or metric_kind(record) == "throughput"
-
-
-def bits_of(record: dict) -> int | None:
-    """The quantization bit width of a record's model, ``None`` when not quantized."""
-    for source in (record, record.get("config") or {}, record.get("accounting") or {}):
-        for key in BITS_KEYS:
-            value = source.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return int(value)
-    return None
-
-
-def budget_of(record: dict):
-    """The memory budget a record was compressed to, ``None`` outside budget runs."""
-    return record.get("budget")
-
-
-def fmt_budget(budget) -> str:
-    """A budget as a reader wants it: a share of the dense bytes, or MiB."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        return f"{budget:.0%} of dense" if budget <= 1.5 else f"{budget / 2**20:.1f} MiB"
-    return str(budget)
-
-
-def grid_of(record: dict) -> str:
-    """A throughput record's grid point, e.g. 'batch_size=4 prompt_len=128'; '' otherwise."""
-    extra = record.get("extra") or {}
-    return " ".join(f"{k}={extra[k]}" for k in GRID_KEYS if k in extra)
-
-
-def variant(record: dict) -> str:
-    """What tells two records of the same (method, ratio, task, metric) apart."""
-    parts = []
-    if budget_of(record) is not None:
-        parts.append(f"budget={fmt_budget(budget_of(record))}")
-    if bits_of(record) is not None:
-        parts.append(f"{bits_of(record)}-bit")
-    if is_throughput(record) and grid_of(record):
-        parts.append(grid_of(record))
-    return ", ".join(parts)
-
-
-def method_label(record: dict) -> str:
+def label_of(method: str, bits) -> str:
     """The method as a table row names it: 'svdllm_quant (4-bit)'. Grid and budget get their own columns."""
-    bits = bits_of(record)
-    return f"{record['method']} ({bits}-bit)" if bits is not None else record["method"]
+    return f"{method} ({int(bits)}-bit)" if bits is not None and not _missing(bits) else method
 
 
-def method_rank(name: str) -> tuple:
-    base = name.split(" ")[0]
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), base, name)
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def task_rank(task: str) -> tuple:
-    for position, order in enumerate((PERPLEXITY_ORDER, ZERO_SHOT_ORDER)):
-        if task in order:
-            return (position, order.index(task), task)
-    return (2, 0, task)
+def frame(data: dict) -> pd.DataFrame:
+    """Every record of ``data`` as a row, in results.json order.
+
+    ``column`` is the metric as a table column names it: with its grid point
+    when the task measured several (``nll [length=16]``).
+    """
+    rows = []
+    for r in data.get("records", []):
+        bits, point = r.get("bits"), format_point(r.get("point") or {})
+        rows.append({
+            "key": r.get("key"), "model": r["model"], "method": r["method"], "ratio": float(r.get("ratio") or 0.0),
+            "task": r["task"], "metric": r["metric"], "column": r["metric"] + (f" [{point}]" if point else ""),
+            "value": r["value"], "kind": r.get("kind", "other"),
+            "higher_is_better": r.get("higher_is_better"), "params": r.get("params"), "bytes": r.get("bytes"),
+            "bits": bits, "budget": r.get("budget"), "variant": r.get("variant", ""),
+            "point": point, "label": label_of(r["method"], bits),
+            "stderr": (r.get("extra") or {}).get("stderr"),
+            "params_removed": (r.get("accounting") or {}).get("params_removed"),
+        })
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for column in ("higher_is_better", "bits", "budget", "stderr"):  # integers and None stay as they are, not floats
+        df[column] = pd.Series([row[column] for row in rows], dtype=object)
+    return df.astype({"value": float})
+
+
+def method_order(data: dict) -> list[str]:
+    """Method names as the run listed them, the dense model first, others (old records) after."""
+    listed = list((data.get("manifest") or {}).get("methods") or {})
+    seen = [r["method"] for r in data.get("records", [])]
+    order = [DENSE] + [m for m in listed if m != DENSE]
+    return order + sorted(set(seen) - set(order))
+
+
+def label_rank(data: dict):
+    """A sort key for row labels ('svdllm_quant (4-bit)'): the method's place in the run, then the label."""
+    order = {name: i for i, name in enumerate(method_order(data))}
+    return lambda label: (order.get(label.split(" (")[0], len(order)), label)
+
+
+def task_info(data: dict) -> dict[str, dict]:
+    return (data.get("manifest") or {}).get("tasks") or {}
+
+
+def task_order(data: dict) -> list[str]:
+    """Tasks as the run listed them; perplexity tasks first."""
+    info = task_info(data)
+    listed = list(info) + sorted({r["task"] for r in data.get("records", [])} - set(info))
+    kinds = {name: {m.get("kind") for m in (info.get(name) or {}).get("metrics", {}).values()} for name in listed}
+    return sorted(listed, key=lambda t: ("perplexity" not in kinds[t], listed.index(t)))
+
+
+def average_groups(data: dict) -> dict[str, dict]:
+    """Task averages the run's tasks declare: ``{group: {"metric": ..., "members": [...]}}``."""
+    groups: dict[str, dict] = {}
+    for info in task_info(data).values():
+        average = info.get("average")
+        if average:
+            groups[average["group"]] = {"metric": average["metric"], "members": list(average["members"])}
+    return groups
+
+
+def ablation_components(data: dict) -> dict[str, dict]:
+    """Methods that declare their components (transform, update), in run order."""
+    methods = (data.get("manifest") or {}).get("methods") or {}
+    return {name: info["components"] for name, info in methods.items() if info.get("components")}
+
+
+def dtype_bits(data: dict) -> int:
+    return DTYPE_BITS.get(((data.get("manifest") or {}).get("config") or {}).get("dtype", "float32"), 32)
 
 
 def finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def dtype_bits(manifest: dict) -> int:
-    return DTYPE_BITS.get((manifest.get("config") or {}).get("dtype", "float32"), 32)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

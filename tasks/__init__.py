@@ -1,1 +1,1 @@
-"""Built-in evaluation tasks and their vendored data (see tasks/data/README.md)."""
+"""Built-in evaluation tasks: perplexity, zero-shot accuracy through lm-eval, throughput (data: bench/data)."""

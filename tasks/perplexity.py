@@ -1,6 +1,6 @@
 """Perplexity on WikiText-2 (raw test) and C4 (validation subset).
 
-Protocol (GPTQ / SVD-LLM style, ``tasks/data/README.md``): rows joined with
+Protocol (GPTQ / SVD-LLM style, ``bench/data/README.md``): rows joined with
 ``"\\n\\n"``, tokenized once with no special tokens, cut into non-overlapping
 windows of ``seqlen`` tokens, remainder dropped; perplexity =
 ``exp(mean token NLL)`` over every predicted token. ``limit`` keeps the first
@@ -10,8 +10,6 @@ N windows and the measurement records how many tokens it covered.
 from __future__ import annotations
 
 import functools
-import gzip
-import json
 import math
 
 import torch
@@ -19,33 +17,22 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from bench import hookimpl
-from bench.numerics import first_nonfinite_module
-from bench.task import EvalSettings, Measurement, Task
-from tasks.data import checksums, data_file
-
-
-def wikitext2_rows(split_file: str = "wikitext2/wiki.test.raw") -> list[str]:
-    """The Hugging Face rows of a WikiText file: lines with their newline, blank ones as ''."""
-    lines = data_file(split_file).read_text(encoding="utf-8").splitlines(keepends=True)
-    return [line if line.strip() else "" for line in lines]
-
-
-C4_EVAL_DOCS = 1000  # documents [0, 1000) are evaluated; [1000, 2000) are left for calibration
-
-
-def c4_rows(part: str = "eval") -> list[str]:
-    """C4 documents: the first 1,000 for evaluation, the other 1,000 for calibration."""
-    with gzip.open(data_file("c4/c4_validation_2k.jsonl.gz"), "rt", encoding="utf-8") as handle:
-        docs = [json.loads(line)["text"] for line in handle if line.strip()]
-    return docs[:C4_EVAL_DOCS] if part == "eval" else docs[C4_EVAL_DOCS:]
+from bench import (
+    EVALUATION_CORPORA,
+    EvalSettings,
+    Measurement,
+    Metric,
+    Task,
+    checksums,
+    evaluation_text,
+    first_nonfinite_module,
+    hookimpl,
+)
 
 
 @functools.lru_cache(maxsize=8)
 def _token_stream(tokenizer, corpus: str) -> torch.Tensor:
-    rows = wikitext2_rows() if corpus == "wikitext2" else c4_rows()
-    ids = tokenizer("\n\n".join(rows), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return ids
+    return tokenizer(evaluation_text(corpus), add_special_tokens=False, return_tensors="pt").input_ids[0]
 
 
 def windows(ids: torch.Tensor, seqlen: int, limit: int | None) -> torch.Tensor:
@@ -80,11 +67,11 @@ def perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int = 1, des
 
 class PerplexityTask(Task):
     corpus = ""
-    files: tuple[str, ...] = ()
-    higher_is_better = {"perplexity": False}
+    metrics = {"perplexity": Metric("perplexity", higher_is_better=False)}
 
     def data_checksums(self) -> dict[str, str]:
-        return {f: checksums()[f] for f in self.files}
+        rel = EVALUATION_CORPORA[self.corpus]
+        return {rel: checksums()[rel]}
 
     def token_windows(self, tokenizer, settings: EvalSettings) -> torch.Tensor:
         return windows(_token_stream(tokenizer, self.corpus), settings.seqlen, settings.limit)
@@ -100,14 +87,12 @@ class WikiText2(PerplexityTask):
     name = "wikitext2"
     description = "WikiText-2 raw test perplexity (lower is better)"
     corpus = "wikitext2"
-    files = ("wikitext2/wiki.test.raw",)
 
 
 class C4(PerplexityTask):
     name = "c4"
     description = "C4 validation perplexity, first 1,000 of the 2,000 vendored documents (lower is better)"
     corpus = "c4"
-    files = ("c4/c4_validation_2k.jsonl.gz",)
 
 
 @hookimpl

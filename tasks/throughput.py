@@ -44,9 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import hookimpl
-from bench.models import footprint
-from bench.task import EvalSettings, Measurement, Task
+from bench import EvalSettings, Measurement, Metric, Task, footprint, hookimpl
 
 MIB = 2**20
 
@@ -169,16 +167,18 @@ def measure(model: nn.Module, grid: Grid, seed: int = 0) -> list[Measurement]:
             increments.append(peak.increment)
             exact &= peak.exact
         p_med, d_med = statistics.median(prefill), statistics.median(dec)
-        point = {"batch_size": batch, "prompt_len": prompt_len, "decode_len": decode, "repeats": grid.repeats,
-                 "warmup": grid.warmup, "device": str(device), "threads": torch.get_num_threads()}
+        point = {"batch_size": batch, "prompt_len": prompt_len, "decode_len": decode}
+        how = {"repeats": grid.repeats, "warmup": grid.warmup, "device": str(device), "threads": torch.get_num_threads()}
         measurements += [
-            Measurement("prefill_tok_s", batch * prompt_len / p_med, {**point, "seconds": prefill}),
-            Measurement("decode_tok_s", batch * decode / d_med if decode else float("nan"), {**point, "seconds": dec}),
+            Measurement("prefill_tok_s", batch * prompt_len / p_med, {**how, "seconds": prefill}, point),
+            Measurement("decode_tok_s", batch * decode / d_med if decode else float("nan"), {**how, "seconds": dec},
+                        point),
             Measurement("peak_mem_mb", (weights + max(increments)) / MIB,
-                        {**point, "weights_mb": weights / MIB, "peak_increment_mb": max(increments) / MIB,
+                        {**how, "weights_mb": weights / MIB, "peak_increment_mb": max(increments) / MIB,
                          "peak_increment_exact": exact,
-                         "source": "cuda max_memory_allocated" if device.type == "cuda" else "process VmHWM - VmRSS"}),
-            Measurement("kv_cache_mb", kv / MIB, {**point, "bytes": kv}),
+                         "source": "cuda max_memory_allocated" if device.type == "cuda" else "process VmHWM - VmRSS"},
+                        point),
+            Measurement("kv_cache_mb", kv / MIB, {**how, "bytes": kv}, point),
         ]
     return measurements
 
@@ -186,7 +186,8 @@ def measure(model: nn.Module, grid: Grid, seed: int = 0) -> list[Measurement]:
 class Throughput(Task):
     """Prefill/decode tokens/s, peak memory and KV-cache size over a grid of shapes."""
 
-    higher_is_better = {"prefill_tok_s": True, "decode_tok_s": True, "peak_mem_mb": False, "kv_cache_mb": False}
+    metrics = {"prefill_tok_s": Metric("throughput", True, "tokens/s"), "decode_tok_s": Metric("throughput", True, "tokens/s"),
+               "peak_mem_mb": Metric("memory", False, "MiB"), "kv_cache_mb": Metric("memory", False, "MiB")}
 
     def __init__(self, name: str = "throughput", grid: Grid = CPU_GRID, description: str = ""):
         self.name, self.grid = name, grid

@@ -2,7 +2,7 @@
 
 Each task is lm-eval's own task (``lm_eval/tasks/<name>/*.yaml``: prompt,
 choices, target, metrics, ``process_docs``), built from the installed YAML
-with one change: the dataset comes from the files under ``tasks/data``
+with one change: the dataset comes from the files under ``bench/data``
 (converted to the Hugging Face schema the YAML expects) instead of the hub.
 The (possibly compressed) model in memory is evaluated through lm-eval's
 ``HFLM`` wrapper, zero-shot, so the numbers are comparable with published
@@ -22,13 +22,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import hookimpl
-from bench.task import EvalSettings, Measurement, Task
-from tasks.data import checksums, data_file
+from bench import EvalSettings, Measurement, Metric, Task, checksums, data_file, hookimpl
 
 # The paper's six tasks (SVD-LLM Table 1); their average is the plain mean of ``acc``.
 PAPER_TASKS = ("openbookqa", "arc_easy", "winogrande", "hellaswag", "piqa", "mathqa")
-AVERAGE_METRIC = "acc"
+AVERAGE = ("SVD-LLM's six zero-shot tasks", "acc", PAPER_TASKS)
 
 
 def _jsonl(rel: str) -> list[dict]:
@@ -93,8 +91,9 @@ class ZeroShotTask(Task):
     def __init__(self, name: str, description: str, yaml: str, files: tuple[str, ...], records: int,
                  loader: Callable[[], list[dict]], metrics: tuple[str, ...] = ("acc", "acc_norm")):
         self.name, self.description, self.yaml, self.files = name, description, yaml, files
-        self.records, self.metrics, self._loader = records, metrics, loader
-        self.higher_is_better = {m: True for m in metrics}
+        self.records, self._loader = records, loader
+        self.metrics = {m: Metric("accuracy", higher_is_better=True) for m in metrics}
+        self.average = AVERAGE if name in PAPER_TASKS else None
 
     def settings_key(self, settings: EvalSettings) -> dict:
         # batch size is in the key: lm-eval scores can move slightly with padding
@@ -141,7 +140,7 @@ def _offline() -> None:
         os.environ.setdefault(var, "1")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split(task: ZeroShotTask):
     """The task's documents as a ``datasets.Dataset``, with the YAML's ``process_docs`` applied once."""
     _offline()

@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny random models of several families, built in code."""
+"""Shared fixtures: tiny random models of several families and a tiny tokenizer, built in code.
+
+Unit tests run on ``tiny`` (a random Llama with a 512-token byte-level BPE
+tokenizer trained here on WikiText-2 validation text) and need no model
+download or wheel; tests of the real SmolLM2-135M carry the ``real_model``
+marker and use the ``smollm2`` fixture.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -13,13 +20,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench.models import LoadedModel, load_model  # noqa: E402
-from bench.plugins import load_registry  # noqa: E402
+from bench.engine.plugins import load_registry  # noqa: E402
+from bench.model.loaded import LoadedModel  # noqa: E402
+from bench.model.loading import load_model  # noqa: E402
+
+TINY_VOCAB = 512
 
 
-def tiny_model(family: str = "llama", vocab_size: int = 256, seed: int = 0, layers: int = 2):
+@functools.cache
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with 512 tokens, trained in about a second on WikiText-2 validation text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bench.corpora import WIKITEXT2_VALID, data_file
+
+    text = data_file(WIKITEXT2_VALID).read_text(encoding="utf-8")[:300_000]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(text.splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def tiny_model(family: str = "llama", vocab_size: int = TINY_VOCAB, seed: int = 0, layers: int = 2):
     """A random causal LM with hidden size 64: milliseconds per forward pass."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config, GemmaConfig
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, OPTConfig, Qwen2Config
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4)
@@ -39,18 +68,18 @@ def tiny_model(family: str = "llama", vocab_size: int = 256, seed: int = 0, laye
 
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
-    """The real default model (converted once into the svdbench cache)."""
+    """The real default model (converted once into the svdbench cache). Mark tests using it ``real_model``."""
     return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2):
-    return smollm2.tokenizer
+def tokenizer():
+    return tiny_tokenizer()
 
 
 @pytest.fixture
 def tiny(tokenizer) -> LoadedModel:
-    """A tiny random Llama sharing SmolLM2's tokenizer (so real tasks run on it)."""
+    """A tiny random Llama with the tiny tokenizer (so real tasks run on it)."""
     model = tiny_model("llama", vocab_size=len(tokenizer))
     return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-llama", source="code")
 
@@ -62,5 +91,13 @@ def registry():
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Statistics caches go to a fresh directory; the converted model cache is shared."""
+    """Statistics and method caches go to a fresh directory; the converted model cache stays shared."""
+    from bench.storage import cache_root
+
+    shared_models = cache_root() / "models"
+    shared_models.mkdir(parents=True, exist_ok=True)
+    root = tmp_path / "svdbench-cache"
+    root.mkdir()
+    (root / "models").symlink_to(shared_models, target_is_directory=True)
+    monkeypatch.setenv("SVDBENCH_CACHE", str(root))  # method caches (asvd_sensitivity, ...) start empty
     monkeypatch.setenv("SVDBENCH_STATS_CACHE", str(tmp_path / "stats"))

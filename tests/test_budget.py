@@ -5,16 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.budget import TOLERANCE, budget_bytes, fit_budget, parse_budget
-from bench.calibration import CalibrationConfig
-from bench.compress import compress_model
+from bench import Context, load_results
+from bench.engine.budget import TOLERANCE, budget_bytes, fit_budget, parse_budget
+from bench.engine.compress import compress_model
+from bench.engine.config import CalibrationConfig, RunConfig
+from bench.engine.executor import run
 from bench.errors import UsageError
-from bench.method import Context
-from bench.models import find_targets, footprint
-from bench.results import load_results
-from bench.runner import RunConfig, Runner
+from bench.model.targets import find_targets, footprint
 from methods.svd import VanillaSVD
-from reports.tables import render_markdown
+from reports.report import render_markdown
 
 
 def test_parse_budget_bytes_and_fractions():
@@ -42,9 +41,9 @@ def _setup(method, model):
     targets = find_targets(model)
     context = Context(model=model, tokenizer=None, targets=targets, stats=None, calibration=None, device="cpu",
                       cache_dir=Path("."), model_identity="tiny")
-    config = method.make_config()
+    config = method.config  # a method made for one run holds its config
     factorizations = {t.name: method.decompose(t, context.weight(t), context, config) for t in targets}
-    return targets, context, config, factorizations
+    return targets, context, config, factorizations, footprint(model)
 
 
 def _bytes_at(method, ratio, targets, context, config, factorizations, refine=False):
@@ -65,64 +64,72 @@ def small_model():
 def test_found_ratio_fits_and_a_slightly_smaller_one_does_not(fraction):
     method = VanillaSVD()
     model = small_model()
-    targets, context, config, factorizations = _setup(method, model)
-    dense = footprint(model)["bytes"]
+    targets, context, config, factorizations, dense_footprint = _setup(method, model)
+    dense = dense_footprint["bytes"]
     budget = int(fraction * dense)
-    fit = fit_budget(method, config, context, targets, factorizations, budget)
-    assert fit.bytes <= budget and footprint(fit.model)["bytes"] == fit.bytes
-    assert 0 < fit.ratio < 1 and not fit.refine_in_search
-    assert _bytes_at(method, fit.ratio - TOLERANCE, targets, context, config, factorizations) > budget
-    assert fit.model is not model and footprint(model)["bytes"] == dense  # the original is untouched
+    fit = fit_budget(method, factorizations, context, dense_footprint, budget)
+    assert fit.bytes <= budget and footprint(fit.compressed.model)["bytes"] == fit.bytes
+    assert fit.compressed.summary["bytes"] == fit.bytes and fit.budget_bytes == budget and fit.builds > 1
+    assert 0 < fit.compressed.ratio < 1 and not fit.refine_in_search
+    assert fit.summary()["ratio"] == fit.compressed.ratio and fit.summary()["tolerance"] == TOLERANCE
+    assert _bytes_at(method, fit.compressed.ratio - TOLERANCE, targets, context, config, factorizations) > budget
+    assert fit.compressed.model is not model and footprint(model)["bytes"] == dense  # the original is untouched
 
 
 def test_budget_above_dense_needs_no_compression_and_too_small_a_budget_fails():
     method = VanillaSVD()
     model = small_model()
-    targets, context, config, factorizations = _setup(method, model)
-    dense = footprint(model)["bytes"]
-    assert fit_budget(method, config, context, targets, factorizations, dense).ratio == 0.0
+    targets, context, config, factorizations, dense_footprint = _setup(method, model)
+    dense = dense_footprint["bytes"]
+    assert fit_budget(method, factorizations, context, dense_footprint, dense).compressed.ratio == 0.0
     with pytest.raises(ValueError, match="below the smallest model"):
-        fit_budget(method, config, context, targets, factorizations, dense // 100)
+        fit_budget(method, factorizations, context, dense_footprint, dense // 100)
 
 
 def test_a_refine_that_changes_storage_is_searched_with_refine():
     method = HalfPrecisionRefine()
     model = small_model()
-    targets, context, config, factorizations = _setup(method, model)
-    dense = footprint(model)["bytes"]
+    targets, context, config, factorizations, dense_footprint = _setup(method, model)
+    dense = dense_footprint["bytes"]
     budget = int(0.4 * dense)
-    fit = fit_budget(method, config, context, targets, factorizations, budget)
+    fit = fit_budget(method, factorizations, context, dense_footprint, budget)
     assert fit.refine_in_search and fit.bytes <= budget
-    assert next(fit.model.parameters()).dtype == torch.float16
+    assert next(fit.compressed.model.parameters()).dtype == torch.float16
+    assert fit.compressed.facts["refine"] == {"dtype": "float16"}
     # the half-precision model fits at a much smaller ratio than float32 factors would need
-    plain = fit_budget(VanillaSVD(), config, context, targets, factorizations, budget)
-    assert fit.ratio < plain.ratio
-    assert _bytes_at(method, fit.ratio - TOLERANCE, targets, context, config, factorizations, refine=True) > budget \
-        or fit.ratio <= TOLERANCE
+    plain = fit_budget(VanillaSVD(), factorizations, context, dense_footprint, budget)
+    assert fit.compressed.ratio < plain.compressed.ratio
+    assert _bytes_at(method, fit.compressed.ratio - TOLERANCE, targets, context, config, factorizations,
+                     refine=True) > budget or fit.compressed.ratio <= TOLERANCE
 
 
 def test_runner_budget_records_resume_and_report(tiny, tmp_path):
-    # the tiny fixture's bytes are mostly its 49k-token embeddings: budgets just under dense
+    # about half of the tiny fixture's bytes are its (512-token) embeddings and lm_head, never compressed
     dense_bytes = footprint(tiny.model)["bytes"]
-    absolute = dense_bytes - 100_000
+    compressible = sum(t.params for t in find_targets(tiny.model)) * 4
+    assert 0.3 < compressible / dense_bytes < 0.7
+    absolute = dense_bytes - compressible // 4  # a quarter of the compressible bytes must go
 
-    def run():
-        config = RunConfig(model="tiny", methods=["svd"], ratios=[], budgets=["0.995", f"{absolute}B"], tasks=["wikitext2"],
-                           limit=1, seqlen=32, calibration=CalibrationConfig(samples=2, seqlen=32), out=str(tmp_path))
-        return Runner(config, loaded=tiny).run()
+    def run_budgets():
+        config = RunConfig(model="tiny", methods=("svd",), ratios=(), budgets=("0.9", f"{absolute}B"),
+                           tasks=("wikitext2",), limit=1, seqlen=32, calibration=CalibrationConfig(samples=2, seqlen=32),
+                           out=str(tmp_path))
+        return run(config, loaded=tiny)
 
-    run()
+    run_budgets()
     data = load_results(tmp_path)
     budget_records = [r for r in data["records"] if r.get("budget") is not None]
-    assert {r["budget"] for r in budget_records} == {0.995, absolute}
+    assert {r["budget"] for r in budget_records} == {0.9, absolute}
+    assert {r["variant"] for r in budget_records} == {"budget=90% of dense", f"budget={absolute / 2**20:.1f} MiB"}
     for r in budget_records:
         fit = r["budget_fit"]
         assert r["bytes"] == fit["bytes"] <= fit["budget_bytes"]
-        assert fit["budget_bytes"] == (int(0.995 * dense_bytes) if r["budget"] == 0.995 else absolute)
+        assert fit["budget_bytes"] == (int(0.9 * dense_bytes) if r["budget"] == 0.9 else absolute)
         assert r["ratio"] == fit["ratio"] > 0
+        assert data["compressions"][r["compression"]]["budget"]["spec"] in ("0.9", f"{absolute}B")
     assert not data["failures"]
     keys = {r["key"] for r in data["records"]}
-    run()  # resume: the budget records are reused, not recomputed
+    run_budgets()  # resume: the budget records are reused, not recomputed
     again = load_results(tmp_path)
     assert {r["key"] for r in again["records"]} == keys and len(again["records"]) == len(data["records"])
     assert not any("budget" in label for label in again["manifest"]["timings"] if label.startswith("compress"))
@@ -133,7 +140,7 @@ def test_a_quantizing_method_that_fits_without_removing_parameters_gets_ratio_ze
     """Half precision alone halves the bytes: a 0.6 budget needs no truncation, so the ratio is 0, not ``tol``."""
     method = HalfPrecisionRefine()
     model = small_model()
-    targets, context, config, factorizations = _setup(method, model)
-    dense = footprint(model)["bytes"]
-    fit = fit_budget(method, config, context, targets, factorizations, int(0.6 * dense))
-    assert fit.ratio == 0.0 and fit.bytes <= 0.6 * dense
+    targets, context, config, factorizations, dense_footprint = _setup(method, model)
+    dense = dense_footprint["bytes"]
+    fit = fit_budget(method, factorizations, context, dense_footprint, int(0.6 * dense))
+    assert fit.compressed.ratio == 0.0 and fit.bytes <= 0.6 * dense

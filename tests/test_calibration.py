@@ -3,11 +3,13 @@
 import logging
 
 import torch
-
-from bench.calibration import (AbsMean, CalibrationConfig, Fisher, Gram, GradNorm, StatisticsCache,
-                               calibration_batches, collect_statistics)
-from bench.models import find_targets, fingerprint
 from conftest import tiny_model
+
+from bench.engine.calibration import StatisticsCache, calibration_batches, collect_statistics
+from bench.engine.config import CalibrationConfig
+from bench.model.loaded import fingerprint
+from bench.model.targets import find_targets
+from methods.statistics import AbsMean, Fisher, GradNorm, Gram
 
 CONFIG = CalibrationConfig(samples=3, seqlen=16)
 
@@ -72,7 +74,7 @@ def test_cache_is_reused_then_rebuilt_when_corrupted(tmp_path, caplog, monkeypat
     batches = torch.randint(0, 256, (2, 16))
     first = collect(model, batches, [Gram()], tmp_path)
     passes = []
-    import bench.calibration as calibration
+    import bench.engine.calibration as calibration
     real = calibration._forward_pass
     monkeypatch.setattr(calibration, "_forward_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
     second = collect(model, batches, [Gram()], tmp_path)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
-from bench.compress import compress_model
+from bench import factorize, uniform_ranks
+from bench.engine.compress import compress_model
 from bench.errors import UsageError
-from bench.lowrank import factorize
-from bench.method import uniform_ranks
-from bench.models import find_targets, footprint
-from bench.quantize import QuantizedLinear
-from conftest import tiny_model
+from bench.model.quantized import QuantizedLinear
+from bench.model.targets import find_targets, footprint
 from methods.hybrid import HybridConfig, QuantConfig, quantize_targets
 
 
@@ -85,26 +84,38 @@ def test_quantized_layer_matches_its_dequantized_weight():
     assert float((q.dequantize() - linear.weight).norm() / linear.weight.norm()) < 0.1
 
 
-def test_configs_reject_bad_settings():
+def test_configs_reject_bad_settings(registry):
     with pytest.raises(UsageError, match="bits"):
         QuantConfig(bits=5)
-    with pytest.raises(UsageError, match="base"):
-        HybridConfig(base="nope")
+    with pytest.raises(UsageError, match="bits"):
+        HybridConfig(bits=5)
+    # the base is a method name, checked when the method is made for a run
+    with pytest.raises(UsageError, match="unknown method 'nope'"):
+        registry.method_factory({"svdllm_quant": {"base": "nope"}})("svdllm_quant")
+    with pytest.raises(UsageError, match="base cannot be svdllm_quant itself"):
+        registry.method_factory({"svdllm_quant": {"base": "svdllm_quant"}})("svdllm_quant")
+    with pytest.raises(UsageError, match="base=hqq removes no parameters"):
+        registry.method_factory({"svdllm_quant": {"base": "hqq"}})("svdllm_quant")
 
 
 def test_runner_rows_for_hybrid_and_dense_quantization(tiny, tmp_path):
-    from bench.calibration import CalibrationConfig
-    from bench.runner import RunConfig, Runner
+    from bench.engine.config import CalibrationConfig, RunConfig
+    from bench.engine.executor import run
 
-    config = RunConfig(model="tiny", methods=["svd", "svdllm_quant", "hqq"], ratios=[0.5], tasks=["wikitext2"],
+    config = RunConfig(model="tiny", methods=("svd", "svdllm_quant", "hqq"), ratios=(0.5,), tasks=("wikitext2",),
                        seqlen=64, limit=1, calibration=CalibrationConfig(samples=2, seqlen=64),
-                       method_options={"svdllm_quant": {"bits": "2"}, "hqq": {"bits": "2"}}, out=str(tmp_path / "run"))
-    results = Runner(config, loaded=tiny).run()
+                       method_options={"svdllm_quant": {"bits": "2"}, "hqq": {"bits": 2}}, out=str(tmp_path / "run"))
+    results = run(config, loaded=tiny)
     assert not results.data["failures"], results.data["failures"]
     rows = {r["method"]: r for r in results.records}
     assert rows["hqq"]["bytes"] < rows["dense"]["bytes"]
     assert rows["svdllm_quant"]["bytes"] < rows["svd"]["bytes"]
     assert rows["svdllm_quant"]["bytes"] < rows["hqq"]["bytes"]
     assert rows["hqq"]["params"] == rows["dense"]["params"]
-    refine = results.data["compressions"][rows["svdllm_quant"]["compression"]]["refine"]
-    assert refine["quantization"]["bits"] == 2
+    # the weight bits are part of the record, so reports tell quantized rows apart
+    assert rows["svdllm_quant"]["bits"] == rows["hqq"]["bits"] == 2 and rows["svd"]["bits"] is None
+    assert rows["svdllm_quant"]["variant"] == "2-bit" and rows["hqq"]["ratio"] == 0.0
+    facts = results.data["compressions"][rows["svdllm_quant"]["compression"]]["facts"]
+    assert facts["refine"]["quantization"]["bits"] == 2
+    assert rows["svdllm_quant"]["config"]["base_config"] == {}  # svdllm_w, the default base, has no settings
+    assert results.manifest["methods"]["svdllm_quant"]["bits"] == 2

@@ -1,12 +1,25 @@
 """The shared low-rank math: rank formula, Eckart-Young, transforms, layers."""
 
+import copy
+
 import pytest
 import torch
 
-from bench.compress import compress_model
-from bench.lowrank import (Diagonal, LowerTriangular, LowRankLinear, factorize, is_worth_factorizing,
-                           rank_for_ratio)
-from bench.models import find_targets, footprint
+from bench.api.lowrank import (
+    Diagonal,
+    Eigen,
+    Factorization,
+    Identity,
+    LowerTriangular,
+    cholesky_whitening,
+    eigen_whitening,
+    factorize,
+    is_worth_factorizing,
+    rank_for_ratio,
+)
+from bench.engine.compress import compress_model
+from bench.model.layers import LowRankLinear
+from bench.model.targets import find_targets, footprint, set_module
 from methods.svd import VanillaSVD
 
 
@@ -38,18 +51,33 @@ def test_eckart_young_truncation_error():
         assert w_u.shape == (48, rank) and w_v.shape == (rank, 32)
 
 
-@pytest.mark.parametrize("transform", ["diag", "chol"])
+@pytest.mark.parametrize("transform", ["identity", "diag", "chol", "eigen"])
 def test_right_transform_is_undone(transform):
     torch.manual_seed(1)
     w = torch.randn(20, 12, dtype=torch.float64)
-    if transform == "diag":
+    x = torch.randn(12, 40, dtype=torch.float64)
+    if transform == "identity":
+        s = Identity()
+    elif transform == "diag":
         s = Diagonal(torch.rand(12, dtype=torch.float64) + 0.1)
-    else:
-        x = torch.randn(12, 40, dtype=torch.float64)
+    elif transform == "chol":
         s = LowerTriangular(torch.linalg.cholesky(x @ x.T))
+    else:
+        s = eigen_whitening(x @ x.T)
+        assert isinstance(s, Eigen)
     fact = factorize(w, s)
+    assert isinstance(fact, Factorization) and fact.facts == {} and fact.shape == (20, 12)
     w_u, w_v = fact.factors(12, dtype=torch.float64)
     assert torch.allclose(w_u @ w_v, w, atol=1e-10)
+
+
+def test_cholesky_whitening_reports_the_shift_it_needed():
+    x = torch.randn(12, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _, shift = cholesky_whitening(x @ x.T)
+    assert shift == 0.0
+    singular = x[:, :5] @ x[:, :5].T  # rank 5 < 12 channels
+    transform, shift = cholesky_whitening(singular)
+    assert shift > 0 and torch.isfinite(transform.factor).all()
 
 
 def test_low_rank_linear_matches_factors_with_bias():
@@ -71,13 +99,10 @@ def test_full_rank_compression_gives_identical_outputs():
     facts = {t.name: factorize(model.get_submodule(t.name).weight) for t in targets}
     full = {t.name: min(t.out_features, t.in_features) for t in targets}
     # Force factorization even where it saves nothing, to test exactness.
-    from bench.lowrank import LowRankLinear as L
-    from bench.models import set_module
-    import copy
     clone = copy.deepcopy(model)
     for t in targets:
         w_u, w_v = facts[t.name].factors(full[t.name])
-        set_module(clone, t.name, L.from_factors(w_u, w_v, None))
+        set_module(clone, t.name, LowRankLinear.from_factors(w_u, w_v, None))
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, clone(ids).logits, atol=1e-4)
@@ -87,7 +112,7 @@ def test_compression_really_removes_parameters():
     model = _tiny()
     targets = find_targets(model)
     method = VanillaSVD()
-    facts = {t.name: method.decompose(t, model.get_submodule(t.name).weight, None, None) for t in targets}
+    facts = {t.name: method.decompose(t, model.get_submodule(t.name).weight, None, method.config) for t in targets}
     ranks = {t.name: rank_for_ratio(t.out_features, t.in_features, 0.4) for t in targets}
     compressed, layers = compress_model(model, targets, facts, ranks)
     before, after = footprint(model)["params"], footprint(compressed)["params"]

@@ -9,19 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from bench.calibration import CalibrationConfig, CalibrationStats
-from bench.lowrank import cholesky_whitening, factorize
-from bench.method import Context
-from bench.models import Target, find_targets
-from bench.results import load_results
-from bench.runner import RunConfig, Runner
+from bench import Allocation, CalibrationStats, Context, Target, cholesky_whitening, factorize, load_results
+from bench.engine.compress import decomposition_facts
+from bench.engine.config import CalibrationConfig, RunConfig
+from bench.engine.executor import run
+from bench.model.targets import find_targets
 from methods import asvd as asvd_module
 from methods.asvd import ASVD, kept_rank, sensitivity_ranks, stored_params, uniform_budget
 from methods.fwsvd import FisherWeightedSVD
 from methods.svdllm import SVDLLMWhitening
-
-from conftest import tiny_model
 
 
 def context_for(targets: list[Target], stats: dict | None = None, model=None, calibration=None,
@@ -33,7 +31,7 @@ def context_for(targets: list[Target], stats: dict | None = None, model=None, ca
 def decompose(method, weight: torch.Tensor, stats: dict[str, torch.Tensor], **options):
     target = Target("layer", 0, "mlp.up_proj", weight.shape[0], weight.shape[1], False)
     context = context_for([target], {name: {"layer": value} for name, value in stats.items()})
-    return method.decompose(target, weight, context, method.make_config(**options)), context
+    return method.decompose(target, weight, context, method.make_config(options)), context
 
 
 def product(f, rank: int) -> torch.Tensor:
@@ -85,8 +83,10 @@ def test_svdllm_non_positive_definite_gram_falls_back_with_a_logged_shift(caplog
     with caplog.at_level("WARNING"):
         f, context = decompose(method, w, {"gram": gram})
     assert "layer" in caplog.text and "not positive definite" in caplog.text
-    recorded = method.refine(None, 0.4, context, method.make_config())["cholesky_shifts"]
-    assert recorded["layer"] == pytest.approx(shift)
+    # the shift is a fact of the factorization; the harness records it with the compression
+    assert f.facts["cholesky_shift"] == pytest.approx(shift)
+    assert decomposition_facts({"layer": f})["cholesky_shift"]["layer"] == pytest.approx(shift)
+    assert not hasattr(method, "shifts")  # the method itself keeps no state
     for rank in (4, 16, 24):
         w_u, w_v = f.factors(rank, dtype=torch.float64)
         assert torch.isfinite(w_u).all() and torch.isfinite(w_v).all()
@@ -167,28 +167,31 @@ def counted(monkeypatch):
 def test_asvd_allocation_meets_the_budget_and_reuses_its_cache(tmp_path, counted):
     context, _ = tiny_context(tmp_path)
     method = ASVD()
-    config = method.make_config(sensitivity_samples="2", sensitivity_seqlen="32", candidates="0.8,0.6,0.4")
+    config = method.make_config({"sensitivity_samples": "2", "sensitivity_seqlen": "32", "candidates": "0.8,0.6,0.4"})
     factorizations = {t.name: method.decompose(t, context.weight(t), context, config) for t in context.targets}
     step = max(t.out_features + t.in_features for t in context.targets)
     for ratio in (0.2, 0.4, 0.6):
-        ranks = method.allocate(ratio, factorizations, context, config)
+        allocation = method.allocate(ratio, factorizations, context, config)
+        assert isinstance(allocation, Allocation)
+        ranks = allocation.ranks
         kept = sum(stored_params(t, ranks[t.name]) for t in context.targets)
         budget = uniform_budget(context.targets, ratio)
         assert budget - step < kept <= budget, (ratio, kept, budget)
-        facts = method.refine(None, ratio, context, config)
-        assert facts["sensitivity_tokens"] == [2, 32]
+        assert allocation.facts["sensitivity_tokens"] == [2, 32]
+        assert allocation.facts["sensitivity_cached"] is (ratio != 0.2)  # measured once, then read back
     assert len(counted) == 1  # one search served all three ratios
     ASVD().allocate(0.4, factorizations, context, config)  # a fresh instance reads the disk cache
     assert len(counted) == 1
     files = list((tmp_path / "asvd_sensitivity").glob("*.json"))
     assert len(files) == 1
     entry = json.loads(files[0].read_text())
-    name = next(iter(entry["table"]))
-    entry["table"][name]["0.9"] = 1.0  # tamper with one value: the checksum must catch it
+    name = next(iter(entry["payload"]))
+    entry["payload"][name]["0.8"] = 1.0  # tamper with one value: the checksum must catch it
     files[0].write_text(json.dumps(entry))
     ASVD().allocate(0.4, factorizations, context, config)
     assert len(counted) == 2
-    other = method.make_config(sensitivity_samples="2", sensitivity_seqlen="32", candidates="0.8,0.6,0.4", alpha="1.0")
+    other = method.make_config({"sensitivity_samples": "2", "sensitivity_seqlen": "32", "candidates": "0.8,0.6,0.4",
+                                "alpha": "1.0"})
     ASVD().allocate(0.4, factorizations, context, other)  # a different alpha is a different entry
     assert len(counted) == 3
 
@@ -196,7 +199,7 @@ def test_asvd_allocation_meets_the_budget_and_reuses_its_cache(tmp_path, counted
 def test_asvd_sensitivity_equals_full_forward_perplexity(tmp_path):
     context, _ = tiny_context(tmp_path, seed=1)
     method = ASVD()
-    config = method.make_config(sensitivity_samples="2", sensitivity_seqlen="32")
+    config = method.make_config({"sensitivity_samples": "2", "sensitivity_seqlen": "32"})
     factorizations = {t.name: method.decompose(t, context.weight(t), context, config) for t in context.targets}
     ids = context.calibration[:2, :32]
     table = asvd_module.measure_sensitivity(context.model, context.targets, factorizations, [0.7, 0.4], ids)
@@ -226,16 +229,16 @@ def test_asvd_needs_calibration_windows_for_its_search(tmp_path):
     factorizations = {t.name: method.decompose(t, context.weight(t), context, config) for t in context.targets}
     with pytest.raises(UsageError, match="calibration"):
         method.allocate(0.4, factorizations, context, config)
-    assert method.allocate(0.4, factorizations, context, method.make_config(allocation="uniform"))
+    assert method.allocate(0.4, factorizations, context, method.make_config({"allocation": "uniform"}))
 
 
 # --------------------------------------------------------------------------- end to end
 
 @pytest.mark.parametrize("method_name", ["fwsvd", "asvd", "svdllm_w"])
 def test_method_runs_end_to_end_with_finite_perplexity(tiny, tmp_path, method_name):
-    config = RunConfig(model="tiny", methods=[method_name], ratios=[0.2, 0.6], tasks=["wikitext2"], limit=1, seqlen=64,
-                       calibration=CalibrationConfig(samples=4, seqlen=64), out=str(tmp_path / "run"))
-    Runner(config, loaded=tiny).run()
+    config = RunConfig(model="tiny", methods=(method_name,), ratios=(0.2, 0.6), tasks=("wikitext2",), limit=1,
+                       seqlen=64, calibration=CalibrationConfig(samples=4, seqlen=64), out=str(tmp_path / "run"))
+    run(config, loaded=tiny)
     results = load_results(tmp_path / "run")
     assert not results["failures"]
     rows = [r for r in results["records"] if r["method"] == method_name]
@@ -243,3 +246,18 @@ def test_method_runs_end_to_end_with_finite_perplexity(tiny, tmp_path, method_na
     for row in rows:
         assert math.isfinite(row["value"]) and row["value"] > 1
         assert row["accounting"]["target_ratio_achieved"] >= row["ratio"] - 1e-9
+
+
+def test_allocation_and_decomposition_facts_land_in_results_json(tiny, tmp_path):
+    """ASVD's search facts and SVD-LLM's Cholesky shifts (32 calibration tokens: singular grams) are recorded."""
+    config = RunConfig(model="tiny", methods=("asvd", "svdllm_w"), ratios=(0.4,), tasks=("wikitext2",), limit=1,
+                       seqlen=32, calibration=CalibrationConfig(samples=1, seqlen=32),
+                       method_options={"asvd": {"candidates": "0.8,0.6,0.4", "sensitivity_seqlen": 32}},
+                       out=str(tmp_path / "run"))
+    results = run(config, loaded=tiny)
+    assert not results.data["failures"], results.data["failures"]
+    facts = {info["method"]: info["facts"] for info in results.data["compressions"].values()}
+    assert facts["asvd"]["allocation"]["sensitivity_tokens"] == [1, 32] and "decomposition" not in facts["asvd"]
+    shifts = facts["svdllm_w"]["decomposition"]["cholesky_shift"]
+    assert shifts and all(shift > 0 for shift in shifts.values())
+    assert set(shifts) <= {t.name for t in find_targets(tiny.model)}

@@ -7,24 +7,36 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from bench.calibration import CalibrationConfig, CalibrationStats, collect_statistics
-from bench.lowrank import cholesky_whitening, factorize, rank_for_ratio
-from bench.method import Context
-from bench.models import Target, find_targets
-from bench.plugins import load_registry
-from bench.results import load_results
-from bench.runner import RunConfig, Runner
+from bench import (
+    Allocation,
+    CalibrationStats,
+    Context,
+    Target,
+    cholesky_whitening,
+    factorize,
+    load_results,
+    rank_for_ratio,
+)
+from bench.engine.calibration import collect_statistics
+from bench.engine.config import CalibrationConfig, RunConfig
+from bench.engine.executor import run
+from bench.engine.plugins import load_registry
+from bench.model.targets import find_targets
 from methods.dipsvd import DipSVD, DipSVDConfig, layer_kept_fractions, protection
 from methods.svdllm_v2 import SVDLLMV2, SVDLLMV2Config
-
-from conftest import tiny_model
 
 
 def context_for(targets: list[Target], stats: dict[str, dict[str, torch.Tensor]] | None = None, model=None) -> Context:
     return Context(model=model, tokenizer=None, targets=targets,
                    stats=CalibrationStats(stats or {}, {}), calibration=None, device="cpu",
                    cache_dir=Path("."), model_identity="test")
+
+
+def ranks_of(result) -> dict[str, int]:
+    """The ranks of what ``allocate`` returned: a dictionary, or an :class:`Allocation` with facts."""
+    return result.ranks if isinstance(result, Allocation) else result
 
 
 def reconstruction(f, rank: int) -> torch.Tensor:
@@ -45,7 +57,7 @@ def channel_data(n: int, tokens: int, seed: int, spread: float = 1.0) -> torch.T
 def v2_factorization(weight: torch.Tensor, gram: torch.Tensor, **options):
     target = Target("layer", 0, "mlp.up_proj", weight.shape[0], weight.shape[1], False)
     method = SVDLLMV2()
-    return method.decompose(target, weight, context_for([target], {"gram": {"layer": gram}}), method.make_config(**options))
+    return method.decompose(target, weight, context_for([target], {"gram": {"layer": gram}}), method.make_config(options))
 
 
 @pytest.mark.parametrize("delta, tolerance", [("0", 1e-9), ("1e-6", 1e-5)])
@@ -114,7 +126,9 @@ def heterogeneous_group():
 def test_v2_allocation_keeps_each_group_budget_and_lowers_the_loss(ratio):
     targets, factorizations = heterogeneous_group()
     method = SVDLLMV2()
-    ranks = method.allocate(ratio, factorizations, context_for(targets), method.make_config())
+    allocation = method.allocate(ratio, factorizations, context_for(targets), method.make_config())
+    ranks = ranks_of(allocation)
+    assert set(allocation.facts["loss_exponents"]) == {t.kind for t in targets}  # recorded with the compression
     total, uniform_total = 0.0, 0.0
     for kind in {t.kind for t in targets}:
         group = [t for t in targets if t.kind == kind]
@@ -146,17 +160,18 @@ def test_v2_linear_rule_and_greedy_option():
     cost = {t.name: t.out_features + t.in_features for t in targets}
     budget = sum(uniform[n] * cost[n] for n in uniform)
     # the paper's linear form alone (t = 1) still keeps every group's budget
-    linear = method.allocate(ratio, factorizations, context, method.make_config(loss_exponents="1"))
+    linear = ranks_of(method.allocate(ratio, factorizations, context, method.make_config({"loss_exponents": "1"})))
     for kind in {t.kind for t in targets}:
         names = [t.name for t in targets if t.kind == kind]
         assert 0 <= sum((uniform[n] - linear[n]) * cost[n] for n in names) < cost[names[0]] * len(names)
     # greedy keeps the whole-model budget and removes less normalized energy than uniform
-    greedy = method.allocate(ratio, factorizations, context, method.make_config(allocation="greedy"))
+    greedy = ranks_of(method.allocate(ratio, factorizations, context, method.make_config({"allocation": "greedy"})))
     used = sum(greedy[n] * cost[n] for n in greedy)
     assert 0 <= budget - used < max(cost.values())
     energy = lambda r: sum(factorizations[n].normalized_loss(r[n]) ** 2 for n in r)  # noqa: E731
     assert energy(greedy) < energy(uniform) * 0.99
-    assert method.allocate(ratio, factorizations, context, method.make_config(allocation="uniform")) == uniform
+    assert ranks_of(method.allocate(ratio, factorizations, context,
+                                    method.make_config({"allocation": "uniform"}))) == uniform
 
 
 # --------------------------------------------------------------------------- DipSVD: channel protection
@@ -202,13 +217,13 @@ def test_folding_d_back_would_be_plain_whitening():
 
 def test_layer_kept_fractions_clip_budget_and_order():
     scores = {0: 1.0, 1: 5.0, 2: 2.0, 3: 9.0, 4: 3.0}
-    params = {l: 1000 for l in scores}
+    params = {block: 1000 for block in scores}
     for target in (0.4, 0.6, 0.8, 0.95):
         kept = layer_kept_fractions(scores, params, target, spread=0.25, low=0.3, high=0.98)
         assert all(0.3 - 1e-12 <= f <= 0.98 + 1e-12 for f in kept.values())
         assert sum(kept.values()) / len(kept) == pytest.approx(target, abs=1e-9)
         order = sorted(scores, key=scores.get)
-        assert [kept[l] for l in order] == sorted(kept[l] for l in order)  # higher score keeps more
+        assert [kept[b] for b in order] == sorted(kept[b] for b in order)  # higher score keeps more
     # spread around the target when nothing is clipped: +-0.25
     kept = layer_kept_fractions(scores, params, 0.6, spread=0.25, low=0.3, high=0.98)
     assert max(kept.values()) - min(kept.values()) == pytest.approx(0.5)
@@ -229,7 +244,7 @@ def test_dipsvd_allocation_meets_the_budget_within_the_clip(ratio):
                       cache_dir=Path("."), model_identity="tiny-dipsvd")
     method = DipSVD()
     config = method.make_config()
-    ranks = method.allocate(ratio, {}, context, config)
+    ranks = ranks_of(method.allocate(ratio, {}, context, config))
     step = sum(t.out_features + t.in_features for t in targets)
     budget = sum(t.out_features * t.in_features * (1 - ratio) for t in targets)
     used = sum(ranks[t.name] * (t.out_features + t.in_features) for t in targets)
@@ -248,9 +263,9 @@ def test_dipsvd_allocation_meets_the_budget_within_the_clip(ratio):
 def test_both_run_end_to_end_in_one_run_with_finite_perplexity(tiny, tmp_path):
     """One run, V2 first: dipsvd then needs only grad_norm, yet must still see gram's shared q/k/v inputs."""
     names = ["svdllm_v2", "dipsvd"]
-    config = RunConfig(methods=names, ratios=[0.4], tasks=["wikitext2"], limit=1, seqlen=64,
+    config = RunConfig(model="tiny", methods=tuple(names), ratios=(0.4,), tasks=("wikitext2",), limit=1, seqlen=64,
                        calibration=CalibrationConfig(samples=4, seqlen=64), out=str(tmp_path))
-    Runner(config, loaded=tiny).run()
+    run(config, loaded=tiny)
     data = load_results(tmp_path)
     assert not data["failures"], data["failures"]
     rows = {(r["method"], r["ratio"]): r for r in data["records"]}
@@ -268,10 +283,10 @@ def test_configs_reject_bad_options():
     from bench.errors import UsageError
 
     with pytest.raises(UsageError):
-        SVDLLMV2().make_config(allocation="best")
+        SVDLLMV2().make_config({"allocation": "best"})
     with pytest.raises(UsageError):
-        SVDLLMV2().make_config(loss_exponents="a,b")
+        SVDLLMV2().make_config({"loss_exponents": "a,b"})
     with pytest.raises(UsageError):
-        DipSVD().make_config(min_kept="0.99")
-    assert SVDLLMV2().make_config(delta="0.01") == SVDLLMV2Config(delta=0.01)
-    assert DipSVD().make_config(protect_scale="10") == DipSVDConfig(protect_scale=10.0)
+        DipSVD().make_config({"min_kept": "0.99"})
+    assert SVDLLMV2().make_config({"delta": "0.01"}) == SVDLLMV2Config(delta=0.01)
+    assert DipSVD().make_config({"protect_scale": "10"}) == DipSVDConfig(protect_scale=10.0)

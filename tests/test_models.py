@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_VOCAB, tiny_model
 from torch import nn
 
-from bench.compress import compress_model
-from bench.lowrank import LowRankLinear, factorize
-from bench.method import uniform_ranks
-from bench.models import _cached_conversion_ok, find_targets, fingerprint, footprint
-from conftest import tiny_model
+from bench import LowRankLinear, factorize, uniform_ranks
+from bench.engine.compress import compress_model
+from bench.model.loaded import fingerprint
+from bench.model.loading import _cached_conversion_ok
+from bench.model.targets import decoder_blocks, find_targets, footprint
 
 EXPECTED_KINDS = {
     "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -37,8 +38,14 @@ def test_targets_found_from_structure_and_compression_runs(family):
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         out = compressed(ids).logits
-    assert out.shape == (2, 12, 256) and torch.isfinite(out).all()
+    assert out.shape == (2, 12, TINY_VOCAB) and torch.isfinite(out).all()
     assert footprint(compressed)["params"] < footprint(model)["params"]
+
+
+def test_decoder_blocks_are_the_longest_list_of_blocks():
+    model = tiny_model("llama", layers=3)
+    prefix, blocks = decoder_blocks(model)
+    assert prefix == "model.layers" and len(blocks) == 3
 
 
 def test_grouped_query_attention_shapes():
@@ -74,6 +81,7 @@ def test_conversion_cache_detects_corruption(tmp_path):
     assert not _cached_conversion_ok(tmp_path, "g")
 
 
+@pytest.mark.real_model
 def test_smollm2_loads_offline_with_expected_structure(smollm2):
     targets = find_targets(smollm2.model)
     assert len(targets) == 30 * 7

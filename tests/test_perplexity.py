@@ -2,12 +2,14 @@
 
 import math
 
+import pytest
 import torch
+from conftest import tiny_model
 from torch.nn import functional as F
 
-from bench.task import EvalSettings
-from tasks.perplexity import WikiText2, _token_stream, perplexity, windows, wikitext2_rows
-from conftest import tiny_model
+from bench.api.task import EvalSettings
+from bench.corpora import c4_rows, calibration_text, evaluation_text, wikitext2_rows
+from tasks.perplexity import C4, WikiText2, _token_stream, perplexity, windows
 
 
 def naive_perplexity(model, batches):
@@ -44,9 +46,18 @@ def test_wikitext2_rows_follow_the_hugging_face_loader():
     assert all(r == "" or r.endswith("\n") for r in rows)
 
 
-def test_wikitext2_token_count_matches_the_published_protocol(tokenizer):
-    # ../shared/data/README.md: 304,986 tokens with the SmolLM2 tokenizer
-    assert _token_stream(tokenizer, "wikitext2").numel() == 304_986
+def test_evaluation_and_calibration_text_never_overlap():
+    assert evaluation_text("wikitext2") == "\n\n".join(wikitext2_rows())
+    evaluated, calibration = c4_rows("eval"), c4_rows("calibration")
+    assert len(evaluated) == len(calibration) == 1000 and not set(evaluated) & set(calibration)
+    assert evaluation_text("c4") == "\n\n".join(evaluated) and calibration_text("c4") == "\n\n".join(calibration)
+    assert calibration_text("wikitext2") != evaluation_text("wikitext2")
+
+
+@pytest.mark.real_model
+def test_wikitext2_token_count_matches_the_published_protocol(smollm2):
+    # bench/data/README.md: 304,986 tokens with the SmolLM2 tokenizer
+    assert _token_stream(smollm2.tokenizer, "wikitext2").numel() == 304_986
 
 
 def test_task_records_tokens_covered(tokenizer):
@@ -54,7 +65,16 @@ def test_task_records_tokens_covered(tokenizer):
     [m] = WikiText2().evaluate(model, tokenizer, EvalSettings(seqlen=32, limit=2))
     assert m.metric == "perplexity" and math.isfinite(m.value)
     assert m.extra["windows"] == 2 and m.extra["tokens"] == 64
-    assert m.extra["total_windows"] == 304_986 // 32
+    assert m.extra["total_windows"] == _token_stream(tokenizer, "wikitext2").numel() // 32 > 1000
+
+
+def test_perplexity_tasks_declare_their_metric():
+    for task in (WikiText2(), C4()):
+        [(name, metric)] = task.metrics.items()
+        assert name == "perplexity" and metric.kind == "perplexity" and metric.higher_is_better is False
+        assert task.describe()["metrics"]["perplexity"]["kind"] == "perplexity" and "average" not in task.describe()
+        [(rel, digest)] = task.data_checksums().items()
+        assert rel.startswith(task.corpus) and len(digest) == 64
 
 
 def test_nonfinite_perplexity_names_the_layer():

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import Method, factorize, hookimpl, hookspecs
+from bench import Method, factorize, hookimpl
+from bench.api import hookspecs
 from bench.cli import main
+from bench.engine.plugins import load_registry
 from bench.errors import UsageError
-from bench.plugins import load_registry
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "plugins"
 
@@ -45,9 +46,10 @@ def test_plugin_registered_in_a_fixture(fixture_registry):
 
 def test_builtins_register_through_entry_points(registry):
     sources = {i["name"]: i["source"] for i in registry.describe()}
-    assert sources["svd"] == "builtin" and sources["perplexity"] == "builtin"
+    assert sources["svd"] == "builtin" and sources["perplexity"] == "builtin" and sources["reports"] == "builtin"
     assert {"svd"} <= set(registry.methods) and {"wikitext2", "c4"} <= set(registry.tasks)
     assert {"gram", "abs_mean", "fisher", "grad_norm"} <= set(registry.statistics)
+    assert {"compare", "check", "baseline"} <= set(registry.commands)
 
 
 @pytest.fixture
@@ -132,7 +134,8 @@ HOOKS = [name for name, f in inspect.getmembers(hookspecs, inspect.isfunction) i
 
 
 def test_hooks_exist():
-    assert set(HOOKS) == {"register_methods", "register_tasks", "register_statistics"}
+    assert set(HOOKS) == {"register_methods", "register_tasks", "register_statistics", "register_commands",
+                          "write_report"}
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -155,9 +158,89 @@ def test_hook_register_methods(fixture_registry):
 
 
 def test_hook_register_tasks(registry):
-    assert registry.get("task", "wikitext2").higher_is_better == {"perplexity": False}
+    [(name, metric)] = registry.get("task", "wikitext2").metrics.items()
+    assert name == "perplexity" and metric.kind == "perplexity" and metric.higher_is_better is False
 
 
 def test_hook_register_statistics(registry):
     assert registry.get("statistic", "gram").needs_backward is False
     assert registry.get("statistic", "fisher").needs_backward is True
+
+
+def test_hook_register_commands(registry, tmp_path, capsys):
+    assert {"compare", "check", "baseline"} <= set(registry.commands)
+    (tmp_path / "hello.py").write_text(textwrap.dedent("""
+        from bench import Command, hookimpl
+
+        class Hello(Command):
+            name = "hello"
+            help = "say hello"
+
+            def configure(self, parser):
+                parser.add_argument("--who", default="world")
+
+            def run(self, args, invoke):
+                print(f"hello {args.who}")
+                return invoke(["plugins"])  # another command line, with the same --plugins-dir
+
+        @hookimpl
+        def register_commands(register):
+            register(Hello())
+    """))
+    assert main(["--plugins-dir", str(tmp_path), "hello", "--who", "tests"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hello tests\n") and '"name": "hello"' in out
+
+
+def test_a_command_may_not_take_a_host_command_name(tmp_path, capsys):
+    (tmp_path / "clash.py").write_text(textwrap.dedent("""
+        from bench import Command, hookimpl
+
+        class Run(Command):
+            name = "run"
+
+        @hookimpl
+        def register_commands(register):
+            register(Run())
+    """))
+    assert main(["--plugins-dir", str(tmp_path), "plugins"]) == 2
+    assert "plugin command 'run' clashes with svdbench's own" in capsys.readouterr().err
+
+
+def test_hook_write_report(tmp_path):
+    from synthetic_results import synthetic_results
+
+    written = []
+
+    class ExtraReport:
+        @hookimpl
+        def write_report(self, results, out_dir, with_published):
+            path = out_dir / "extra.txt"
+            path.write_text(f"{len(results['records'])} records")
+            written.append(path)
+            return [path]
+
+    registry = load_registry(extra=[("extra-report", ExtraReport())])
+    data = synthetic_results(zero_shot=False, budgets=False, quantized=False, throughput=False)
+    paths = [p for paths in registry.hook.write_report(results=data, out_dir=tmp_path, with_published=False)
+             for p in paths]
+    assert written and written[0] in paths  # every implementation runs: the built-in report and this one
+    assert (tmp_path / "report.md") in paths and (tmp_path / "extra.txt").read_text() == f"{len(data['records'])} records"
+
+
+def test_method_instances_are_per_run_copies(registry):
+    """``method_factory`` configures a copy; the registered prototype keeps its defaults."""
+    prototype = registry.get("method", "asvd")
+    create = registry.method_factory({"asvd": {"alpha": "0.25", "allocation": "uniform"}})
+    method = create("asvd")
+    assert method is not prototype and method.config.alpha == 0.25 and method.config.allocation == "uniform"
+    assert prototype.config.alpha == 0.5 and create("asvd") is not method
+    assert registry.method_factory({"asvd": {"alpha": 0.75}})("asvd").config.alpha == 0.75  # typed values too
+    with pytest.raises(UsageError, match="asvd has no setting 'foo'; its settings are: alpha, eps"):
+        create_bad = registry.method_factory({"asvd": {"foo": "1"}})
+        create_bad("asvd")
+    with pytest.raises(UsageError, match="asvd.alpha='x' is not a float"):
+        registry.method_factory({"asvd": {"alpha": "x"}})("asvd")
+    quant = registry.method_factory({"svdllm_quant": {"base": "svdllm"}, "svdllm": {"update_steps": "3"}})("svdllm_quant")
+    assert quant.base.name == "svdllm" and quant.base.config.update_steps == 3  # parts configured for the same run
+    assert quant.settings()["base_config"]["update_steps"] == 3

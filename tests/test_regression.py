@@ -7,17 +7,28 @@ import json
 
 import pytest
 import torch
+from synthetic_results import degraded, synthetic_results
 
 from bench import Method, factorize, hookimpl
-from bench.cli import build_parser, main
+from bench.api.record import load_results
+from bench.cli import main
+from bench.cli.main import _explicit, build_parser
+from bench.engine.config import PROFILES, RunConfig, load_profile, resolve_config
+from bench.engine.executor import run
+from bench.engine.plugins import load_registry
 from bench.errors import UsageError
-from bench.models import LoadedModel
-from bench.plugins import load_registry
-from bench.profiles import PROFILES, apply_profile, explicit_options, load_profile
-from bench.regression import check, compare, format_rows, make_baseline, parse_overrides
-from bench.results import load_results
-from bench.runner import RunConfig, Runner
-from synthetic_results import degraded, synthetic_results
+from bench.model.loaded import LoadedModel
+from reports.regression import (
+    BASELINE_FORMAT,
+    baseline_rows,
+    check,
+    compare,
+    format_rows,
+    make_baseline,
+    parse_overrides,
+    run_differences,
+    tolerance_for,
+)
 
 
 @pytest.fixture
@@ -44,6 +55,40 @@ def test_baseline_keeps_quality_rows_and_settings(data):
     assert baseline["generated"]["wall_s"] == 12.5
     budget_rows = [r for r in baseline["records"] if r["variant"].startswith("budget")]
     assert budget_rows and all(r["ratio"] is None for r in budget_rows)
+
+
+def test_baseline_rows_carry_their_kind_and_old_formats_are_refused(data):
+    baseline = make_baseline(data)
+    assert baseline["format"] == BASELINE_FORMAT
+    kinds = {(r["metric"], r["kind"]) for r in baseline["records"]}
+    assert kinds == {("perplexity", "perplexity"), ("acc", "accuracy"), ("acc_norm", "accuracy")}
+    old = {**baseline, "format": "svdbench-baseline/1"}
+    with pytest.raises(UsageError, match="regenerate it with `svdbench baseline`"):
+        check(data, old)
+
+
+def test_tolerance_follows_the_metric_kind_not_its_name():
+    assert tolerance_for("mytask", "score", "accuracy", 0.02, {}) == (0.02, "absolute")
+    assert tolerance_for("mytask", "score", "other", 0.02, {}) == (0.02, "relative")
+    assert tolerance_for("mytask", "score", "other", 0.02, {"mytask.score": 0.5}) == (0.5, "relative")
+    assert tolerance_for("mytask", "score", "other", 0.02, {"score": 0.1, "mytask.score": 0.5})[0] == 0.5
+
+
+def test_committed_ci_baseline_matches_the_ci_profile():
+    """tests/baselines/ci.json (README: `svdbench check runs/ci --baseline tests/baselines/ci.json`) is readable."""
+    from pathlib import Path
+
+    baseline = json.loads((Path(__file__).parent / "baselines" / "ci.json").read_text())
+    rows = baseline_rows(baseline)
+    ci = resolve_config("ci", {})
+    assert {key[1] for key in rows} == {"dense", *ci.methods}
+    assert {key[3] for key in rows if key[1] != "dense"} == set(ci.ratios)
+    assert {(key[4], key[5]) for key in rows} == {(task, "perplexity") for task in ci.tasks}
+    assert all(row["kind"] == "perplexity" for row in rows.values())
+    config = baseline["config"]
+    assert (config["model"], config["seqlen"], config["limit"], config["dtype"]) == (ci.model, ci.seqlen, ci.limit,
+                                                                                    ci.dtype)
+    assert config["calibration"] == ci.to_dict()["calibration"]
 
 
 def test_degraded_method_fails_and_only_it(data):
@@ -184,16 +229,16 @@ def _peaked(tiny: LoadedModel) -> LoadedModel:
 
 def test_degraded_method_fails_the_check_end_to_end(tiny, tmp_path, capsys):
     loaded = _peaked(tiny)
-    settings = dict(methods=["probe"], ratios=[0.2], tasks=["wikitext2"], seqlen=32, limit=2)
-    good = Runner(RunConfig(out=str(tmp_path / "good"), **settings),
-                  load_registry(extra=[("probe", _plugin(Probe()))]), loaded).run()
+    settings = dict(model="tiny", methods=("probe",), ratios=(0.2,), tasks=("wikitext2",), seqlen=32, limit=2)
+    good = run(RunConfig(out=str(tmp_path / "good"), **settings), load_registry(extra=[("probe", _plugin(Probe()))]),
+               loaded)
     baseline = tmp_path / "ci.json"
     assert main(["baseline", "--from", str(tmp_path / "good"), "--out", str(baseline)]) == 0
-    again = Runner(RunConfig(out=str(tmp_path / "again"), **settings),
-                   load_registry(extra=[("probe", _plugin(Probe()))]), loaded).run()
+    again = run(RunConfig(out=str(tmp_path / "again"), **settings), load_registry(extra=[("probe", _plugin(Probe()))]),
+                loaded)
     assert main(["check", str(tmp_path / "again"), "--baseline", str(baseline)]) == 0
-    broken = Runner(RunConfig(out=str(tmp_path / "broken"), **settings),
-                    load_registry(extra=[("probe", _plugin(BrokenProbe()))]), loaded).run()
+    broken = run(RunConfig(out=str(tmp_path / "broken"), **settings),
+                 load_registry(extra=[("probe", _plugin(BrokenProbe()))]), loaded)
     capsys.readouterr()
     assert main(["check", str(tmp_path / "broken"), "--baseline", str(baseline)]) == 1
     out = capsys.readouterr().out
@@ -205,57 +250,77 @@ def test_degraded_method_fails_the_check_end_to_end(tiny, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- profiles
-def test_profiles_fill_unset_options_and_flags_win():
-    argv = ["run", "--profile", "ci", "--limit", "5", "--tasks", "wikitext2,c4"]
-    args = build_parser().parse_args(argv)
-    explicit = explicit_options(build_parser(), argv)
-    assert {"limit", "tasks", "profile"} <= explicit and "seqlen" not in explicit
-    applied = apply_profile(args, explicit)
-    assert args.limit == 5 and args.tasks == ["wikitext2", "c4"]  # explicit flags win
-    assert args.seqlen == PROFILES["ci"]["seqlen"] and args.calib_samples == PROFILES["ci"]["calib_samples"]
-    assert "limit" not in applied and applied["methods"] == PROFILES["ci"]["methods"]
+def test_profiles_fill_unset_options_and_flags_win(registry):
+    argv = ["run", "--profile", "ci", "--limit", "5", "--tasks", "wikitext2,c4", "--calib-samples", "4"]
+    explicit = _explicit(build_parser(registry.commands).parse_args(argv))
+    assert {"limit", "tasks", "calibration"} <= set(explicit) and "seqlen" not in explicit
+    assert explicit["calibration"] == {"samples": "4"}  # only what was given
+    config = resolve_config("ci", explicit)
+    assert config.limit == 5 and config.tasks == ("wikitext2", "c4")  # explicit flags win
+    assert config.seqlen == PROFILES["ci"]["seqlen"] and config.methods == tuple(PROFILES["ci"]["methods"])
+    # a nested setting given on the command line overrides that field only
+    assert config.calibration.samples == 4 and config.calibration.seqlen == PROFILES["ci"]["calibration"]["seqlen"]
+    # without a profile, the RunConfig defaults apply
+    assert resolve_config(None, {}) == RunConfig()
 
 
 def test_profile_values_are_valid_run_options(registry):
-    from bench.cli import _method_options
-
-    defaults = vars(build_parser().parse_args(["run"]))
-    for name, profile in PROFILES.items():
-        assert set(profile) <= set(defaults), name
-        for method, options in _method_options(profile.get("method_option", [])).items():
-            registry.get("method", method).make_config(**options)  # raises on an unknown option or bad value
-        for task in profile["tasks"]:
+    for name in PROFILES:
+        config = resolve_config(name, {})  # every value is read by the RunConfig field types
+        create = registry.method_factory(config.method_options)
+        for method in config.method_options:
+            create(method)  # raises on an unknown option or a bad value
+        for task in config.tasks:
             registry.get("task", task)
-    assert PROFILES["paper"]["seqlen"] == 2048 and PROFILES["paper"]["limit"] is None
-    assert PROFILES["paper"]["calib_samples"] == 256 and PROFILES["paper"]["calib_seqlen"] == 2048
+    paper = resolve_config("paper", {})
+    assert paper.seqlen == 2048 and paper.limit is None
+    assert paper.calibration.samples == 256 and paper.calibration.seqlen == 2048
+    default = resolve_config("default", {})
+    assert default.method_options["asvd"]["candidates"] == [0.8, 0.6, 0.4]
+    assert registry.method_factory(default.method_options)("asvd").config.candidates == (0.8, 0.6, 0.4)
 
 
 def test_profile_file_and_unknown_names(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"limit": 3, "seqlen": 128}))
     assert load_profile(str(path)) == {"limit": 3, "seqlen": 128}
+    assert resolve_config(str(path), {"limit": 4}).seqlen == 128
     with pytest.raises(UsageError, match="did you mean 'paper'"):
         load_profile("papr")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"limitt": 3}))
-    args = build_parser().parse_args(["run", "--profile", str(bad)])
-    with pytest.raises(UsageError, match="'limitt', which is not an option"):
-        apply_profile(args, set())
+    with pytest.raises(UsageError, match="'limitt', which is not a run setting"):
+        resolve_config(str(bad), {})
 
 
 def test_profile_names_are_registered(registry):
     for name, profile in PROFILES.items():
         for task in profile["tasks"]:
             assert task in registry.tasks, (name, task)
-        if profile["methods"] != "all":
-            for method in profile["methods"].split(","):
+        if profile["methods"] != ["all"]:
+            for method in profile["methods"]:
                 assert method in registry.methods, (name, method)
 
 
 def test_compare_names_the_settings_two_runs_do_not_share(data):
-    from bench.regression import run_differences
-
     other = json.loads(json.dumps(data))
     other["manifest"]["config"]["seqlen"] = 128
     assert run_differences(data, data) == []
     assert ("seqlen", data["manifest"]["config"]["seqlen"], 128) in run_differences(data, other)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_ci_profile_reproduces_the_committed_baseline(tmp_path, capsys):
+    """`svdbench baseline` runs the ci profile on the real SmolLM2; the run passes `check` against tests/baselines/ci.json."""
+    from pathlib import Path
+
+    committed = Path(__file__).parent / "baselines" / "ci.json"
+    fresh = tmp_path / "ci.json"
+    assert main(["baseline", "--profile", "ci", "--out", str(fresh), "--run-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "run"), "--baseline", str(committed)]) == 0, capsys.readouterr().out
+    rows, expected = baseline_rows(json.loads(fresh.read_text())), baseline_rows(json.loads(committed.read_text()))
+    assert set(rows) == set(expected)
+    # the same numbers up to float noise (the committed one was made with other library versions: ~1e-5)
+    assert all(rows[key]["value"] == pytest.approx(expected[key]["value"], rel=1e-3) for key in rows)

@@ -6,13 +6,14 @@ import csv
 import json
 
 import pytest
+from synthetic_results import AVERAGE, COMPONENTS, ZERO_SHOT, accuracy, degraded, perplexity, synthetic_results
 
 from bench.cli import main
 from reports.plots import pareto_front
 from reports.published import load_published, ordering_agreement, table1_curves
-from reports.records import PAPER_ZERO_SHOT, variant
-from reports.tables import build_tables, render_markdown, write_report
-from synthetic_results import ZERO_SHOT, accuracy, degraded, perplexity, synthetic_results
+from reports.report import render_markdown, write_report
+from reports.tables import build_tables
+from tasks.zeroshot import PAPER_TASKS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -51,7 +52,7 @@ def test_table1_values_units_and_average(tmp_path):
     assert not any("acc_norm" in h for h in header)  # acc_norm lives in the zero-shot table
     row = next(r for r in table.rows if r[0] == "svdllm_w" and r[1] == 0.4)
     assert row[header.index("wikitext2 perplexity ↓")] == pytest.approx(perplexity("svdllm_w", 0.4))
-    expected_avg = sum(accuracy("svdllm_w", 0.4, t) for t in PAPER_ZERO_SHOT) / 6
+    expected_avg = sum(accuracy("svdllm_w", 0.4, t) for t in PAPER_TASKS) / 6
     assert row[-1] == pytest.approx(expected_avg)
     assert table.rows[0][0] == "dense"
     # quantized, budget and throughput rows have their own tables
@@ -84,7 +85,9 @@ def test_only_supported_tables_and_plots(tmp_path):
 def test_ablation_budget_quantization_throughput_layouts():
     data = synthetic_results()
     ablation = _table(data, "ablation")
-    assert [r[0] for r in ablation.rows] == ["asvd", "svd", "svdllm_w", "svdllm_u", "svdllm"]
+    # the methods that declare their components, in the run's method order
+    assert [r[0] for r in ablation.rows] == ["svd", "asvd", "svdllm_w", "svdllm_u", "svdllm"]
+    assert ablation.header[:3] == ["method", "transform", "update"]
     col = ablation.header.index("wikitext2 ppl ↓ @ 60%")
     assert ablation.rows[-1][col] == pytest.approx(perplexity("svdllm", 0.6))
     assert ablation.rows[-1][1:3] == ["whitening", "yes"]
@@ -111,8 +114,10 @@ def test_ablation_budget_quantization_throughput_layouts():
 
 def test_variant_tells_rows_apart():
     data = synthetic_results()
-    keys = [(r["method"], r["ratio"], variant(r), r["task"], r["metric"]) for r in data["records"]]
+    keys = [(r["method"], r["ratio"], r["variant"], r["task"], r["metric"]) for r in data["records"]]
     assert len(keys) == len(set(keys))
+    variants = {r["variant"] for r in data["records"]}
+    assert {"budget=90% of dense", "2-bit", "batch_size=4 prompt_len=128 decode_len=32"} <= variants
 
 
 def test_with_published_block_and_ordering(tmp_path):
@@ -169,3 +174,33 @@ def test_report_command_rerenders_from_results_json(tmp_path, capsys):
     assert (tmp_path / "report.md").read_text() == first
     assert "wrote" in capsys.readouterr().out
     assert all(f"{task} acc ↑" in first for task in ZERO_SHOT) and "### Published, LLaMA-7B" in first
+
+
+def test_synthetic_manifest_describes_the_real_methods_and_tasks(registry):
+    """The synthetic results stay true to what the built-in plugins declare."""
+    data = synthetic_results()
+    create = registry.method_factory({})
+    for name, info in data["manifest"]["methods"].items():
+        real = create(name).describe()
+        assert info.get("components") == real.get("components"), name
+        assert info["uses_ratio"] == real["uses_ratio"] and (info["bits"] is None) == (real["bits"] is None), name
+    declared = {name for name, method in registry.methods.items() if method.components}
+    assert set(COMPONENTS) <= declared
+    for name, info in data["manifest"]["tasks"].items():
+        real = registry.get("task", name).describe()
+        kinds = {m: (v["kind"], v["higher_is_better"]) for m, v in real["metrics"].items()}
+        assert all(kinds[m] == (v["kind"], v["higher_is_better"]) for m, v in info["metrics"].items()), name
+        assert info.get("average") == real.get("average"), name
+    assert AVERAGE["members"] == list(PAPER_TASKS)
+
+
+def test_results_csv_carries_kind_bits_and_variant(tmp_path):
+    write_report(synthetic_results(), tmp_path, plots=False)
+    rows = _csv_rows(tmp_path / "results.csv")
+    assert {"kind", "bits", "variant", "budget"} <= set(rows[0])
+    quantized = [r for r in rows if r["method"] == "svdllm_quant"]
+    assert {r["variant"] for r in quantized} == {"2-bit", "3-bit", "4-bit"}
+    assert {float(r["bits"]) for r in quantized} == {2, 3, 4}  # written "2.0": pandas reads a None/int column as float
+    assert {r["kind"] for r in rows} == {"perplexity", "accuracy", "throughput", "memory"}
+    budget = [r for r in rows if r["budget"]]
+    assert {r["variant"] for r in budget} == {"budget=90% of dense", "budget=75% of dense"}

@@ -6,18 +6,19 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_VOCAB
 
+from bench import LowRankLinear, QuantizedLinear, factorize, uniform_ranks
 from bench.cli import main
-from bench.compress import compress_model
+from bench.engine.compress import compress_model
 from bench.errors import UsageError
-from bench.lowrank import LowRankLinear, factorize
-from bench.method import uniform_ranks
-from bench.models import find_targets, load_model
-from bench.quantize import QuantizedLinear
-from bench.saving import MANIFEST, WEIGHTS, load_compressed, save_compressed
+from bench.model.loading import load_model
+from bench.model.saving import MANIFEST, WEIGHTS, load_compressed, save_compressed
+from bench.model.targets import find_targets
+from bench.storage import sha256_file
 from methods.hybrid import quantize_targets
 
-IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 def compressed(loaded, bits: int | None = None):
@@ -57,8 +58,6 @@ def test_truncated_weight_file_is_detected(tiny, tmp_path):
 
 
 def test_edited_weight_file_is_detected_even_with_a_fixed_checksum(tiny, tmp_path):
-    from bench.models import sha256_file
-
     save_compressed(compressed(tiny), tiny.tokenizer, tmp_path / "m", {})
     weights = tmp_path / "m" / WEIGHTS
     data = bytearray(weights.read_bytes())
@@ -85,18 +84,37 @@ def test_manifest_that_does_not_fit_the_weights_is_refused(tiny, tmp_path):
         load_compressed(tmp_path / "m")
 
 
-def test_compress_command_matches_in_memory_compression(tiny, tmp_path):
-    from bench.runner import RunConfig, Runner
+def test_compress_command_matches_in_memory_compression(tiny, tmp_path, registry):
+    from bench.engine.config import RunConfig
+    from bench.engine.executor import Workspace
 
     source = tmp_path / "src"
     tiny.model.save_pretrained(source)
     tiny.tokenizer.save_pretrained(source)
     out = tmp_path / "out"
     assert main(["compress", "--model", str(source), "--method", "svd", "--ratio", "0.4", "--out", str(out)]) == 0
-    runner = Runner(RunConfig(model=str(source), methods=["svd"], ratios=[0.4], tasks=[], out=str(tmp_path / "r")))
-    in_memory, _, _ = runner.compress_one("svd", 0.4)
+    workspace = Workspace(RunConfig(model=str(source), methods=("svd",), ratios=(0.4,), out=str(tmp_path / "r")),
+                          registry)
+    method, in_memory = workspace.compress("svd", 0.4)
     reloaded = load_model(str(out))
-    assert torch.equal(logits(reloaded.model), logits(in_memory))
+    assert torch.equal(logits(reloaded.model), logits(in_memory.model))
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["source_model"]["identity"] == runner.loaded.identity
-    assert manifest["svdbench_version"] and manifest["config"] == {}
+    assert manifest["source_model"]["identity"] == workspace.loaded.identity
+    assert manifest["svdbench_version"] and manifest["config"] == {} == method.settings()
+    assert manifest["method"] == "svd" and manifest["ratio"] == 0.4 and manifest["calibration"] is None
+    assert manifest["accounting"] == in_memory.summary and manifest["facts"] == in_memory.facts == {}
+    assert reloaded.info["compressed"]["method"] == "svd" and reloaded.info["compressed"]["ratio"] == 0.4
+
+
+def test_compress_command_records_the_calibration_and_facts_of_a_calibrated_method(tiny, tmp_path):
+    source = tmp_path / "src"
+    tiny.model.save_pretrained(source)
+    tiny.tokenizer.save_pretrained(source)
+    out = tmp_path / "out"
+    argv = ["compress", "--model", str(source), "--method", "svdllm_w", "--ratio", "0.5", "--out", str(out),
+            "--calib-samples", "1", "--calib-seqlen", "32"]  # 32 tokens < 64 channels: Cholesky needs a shift
+    assert main(argv) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["calibration"] == {"dataset": "wikitext2", "samples": 1, "seqlen": 32, "seed": 3}
+    assert manifest["facts"]["decomposition"]["cholesky_shift"]
+    assert torch.isfinite(logits(load_model(str(out)).model)).all()

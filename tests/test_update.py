@@ -1,16 +1,15 @@
-"""SVD-LLM's sequential low-rank update (bench/lora_update.py, methods/svdllm_update.py)."""
+"""SVD-LLM's sequential low-rank update (methods/update.py, methods/svdllm_update.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench.compress import compress_model
+from bench import LowRankLinear, factorize, uniform_ranks
+from bench.engine.compress import compress_model
 from bench.errors import UsageError
-from bench.lora_update import UpdateConfig, _train_phase, alpaca_token_ids, factor_names, sequential_update
-from bench.lowrank import LowRankLinear, factorize
-from bench.method import uniform_ranks
-from bench.models import find_targets
+from bench.model.targets import find_targets
+from methods.update import UpdateConfig, _train_phase, alpaca_token_ids, factor_names, sequential_update
 
 
 def factorized(loaded, ratio: float = 0.5):
@@ -25,6 +24,22 @@ def weights(model, child: str) -> dict[str, torch.Tensor]:
 
 
 SMALL = dict(update_steps=3, batch_size=2, eval_examples=4, cutoff=64)
+
+
+def test_refine_runs_the_update_and_its_facts_land_in_results_json(tiny, tmp_path):
+    from bench.engine.config import CalibrationConfig, RunConfig
+    from bench.engine.executor import run
+
+    config = RunConfig(model="tiny", methods=("svdllm_u",), ratios=(0.5,), tasks=("wikitext2",), seqlen=32, limit=1,
+                       calibration=CalibrationConfig(samples=2, seqlen=32), out=str(tmp_path),
+                       method_options={"svdllm_u": {"update_steps": 2, "batch_size": 2, "eval_examples": 2,
+                                                    "cutoff": 32}})
+    results = run(config, loaded=tiny)
+    assert not results.data["failures"], results.data["failures"]
+    [record] = [r for r in results.records if r["method"] == "svdllm_u"]
+    assert record["config"]["update_steps"] == 2
+    update = results.data["compressions"][record["compression"]]["facts"]["refine"]["update"]
+    assert update["steps"] == 4 and [p["factor"] for p in update["phases"]] == ["W_u", "W_v"]
 
 
 def test_merged_model_keeps_structure_and_parameter_count(tiny):
@@ -92,7 +107,16 @@ def test_methods_compose_base_and_update(registry):
     from methods.svdllm import SVDLLMWhitening
 
     full, ablation = registry.get("method", "svdllm"), registry.get("method", "svdllm_u")
-    assert isinstance(full, SVDLLMWhitening) and full.requires == ("gram",)
-    assert isinstance(ablation, VanillaSVD) and ablation.requires == ()
-    config = full.make_config(update_steps="5", order="vu")
+    assert isinstance(full, SVDLLMWhitening) and full.required_statistics() == ("gram",)
+    assert isinstance(ablation, VanillaSVD) and ablation.required_statistics() == ()
+    config = full.make_config({"update_steps": "5", "order": "vu"})
     assert config == UpdateConfig(update_steps=5, order="vu")
+    # the ablation table's components (SVD-LLM Table 4)
+    assert full.components == {"transform": "whitening", "update": "yes"}
+    assert ablation.components == {"transform": "none", "update": "yes"}
+    # the update only refines: each shares its base's decomposition, whatever the update settings
+    for method, base in ((full, "svdllm_w"), (ablation, "svd")):
+        configured = registry.method_factory({method.name: {"update_steps": "5"}})(method.name)
+        assert configured.decomposition_key(configured.config) == registry.get("method", base).decomposition_key(
+            registry.get("method", base).config)
+    assert ablation.uses_calibration() is False

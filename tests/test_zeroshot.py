@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from tasks.data import checksums
-from tasks.zeroshot import PAPER_TASKS, TASKS
-from bench.task import EvalSettings
+from bench.api.task import EvalSettings
+from bench.corpora import checksums
+from tasks.zeroshot import AVERAGE, PAPER_TASKS, TASKS
 
 CANONICAL = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "winogrande": 1267,
              "openbookqa": 500, "mathqa": 2985}
@@ -16,6 +16,17 @@ BY_NAME = {task.name: task for task in TASKS}
 def test_every_task_is_registered_and_the_paper_six_are_among_them(registry):
     assert set(CANONICAL) <= set(registry.tasks)
     assert set(PAPER_TASKS) <= set(CANONICAL) and len(PAPER_TASKS) == 6
+
+
+def test_tasks_declare_accuracy_metrics_and_the_paper_average():
+    for task in TASKS:
+        info = task.describe()
+        assert set(info["metrics"]) == ({"acc"} if task.name == "winogrande" else {"acc", "acc_norm"})
+        assert all(m["kind"] == "accuracy" and m["higher_is_better"] is True for m in info["metrics"].values())
+        if task.name in PAPER_TASKS:
+            assert info["average"] == {"group": AVERAGE[0], "metric": "acc", "members": list(PAPER_TASKS)}
+        else:  # arc_challenge is not one of the paper's six
+            assert "average" not in info
 
 
 @pytest.mark.parametrize("name", list(CANONICAL))

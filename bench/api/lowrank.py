@@ -1,5 +1,4 @@
-"""Low-rank factorization: the rank formula, the shared ``SVD(W S)`` math and
-the two-linear layer that replaces a compressed ``nn.Linear``.
+"""Low-rank factorization: the rank formula and the shared ``SVD(W S)`` math.
 
 Notation follows METHODS.md: a linear computes ``y = W x`` with ``W`` of shape
 ``m x n`` (out x in). A method chooses a right transform ``S`` (identity for
@@ -12,10 +11,9 @@ Truncation is the last step, so one decomposition serves every ratio.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
@@ -108,12 +106,15 @@ class Factorization:
 
     ``u`` is ``m x k``, ``s`` holds the ``k`` singular values of ``W S`` in
     descending order and ``vt`` is ``k x n`` with ``S^(-1)`` already applied,
-    so ``W ~= u[:, :r] diag(s[:r]) vt[:r]`` at every rank ``r``.
+    so ``W ~= u[:, :r] diag(s[:r]) vt[:r]`` at every rank ``r``. ``facts``
+    holds what the method found on the way (e.g. the Cholesky shift a gram
+    needed); the harness records it with the compression.
     """
 
     u: torch.Tensor
     s: torch.Tensor
     vt: torch.Tensor
+    facts: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -146,33 +147,6 @@ def factorize(weight: torch.Tensor, transform: RightTransform | None = None) -> 
         if not torch.isfinite(t).all():
             raise FloatingPointError(f"non-finite {name} in the SVD of a {tuple(w.shape)} matrix ({type(transform).__name__} transform)")
     return Factorization(u=u, s=s, vt=vt)
-
-
-class LowRankLinear(nn.Module):
-    """``y = W_u (W_v x) + b``: two linears replacing one ``nn.Linear``."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)  # W_v
-        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)  # W_u
-
-    @classmethod
-    def from_factors(cls, w_u: torch.Tensor, w_v: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
-        layer = cls(w_v.shape[1], w_u.shape[0], w_u.shape[1], bias is not None, dtype=w_u.dtype, device=w_u.device)
-        with torch.no_grad():
-            layer.up.weight.copy_(w_u)
-            layer.down.weight.copy_(w_v)
-            if bias is not None:
-                layer.up.bias.copy_(bias)
-        return layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 def cholesky_whitening(gram: torch.Tensor) -> tuple[LowerTriangular, float]:

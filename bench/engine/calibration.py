@@ -1,4 +1,4 @@
-"""Calibration data and statistics, collected once and shared by methods.
+"""The calibration engine: token windows, and statistics collected once and shared by methods.
 
 Statistics are taken on the **original** model with forward hooks (and one
 backward pass per batch for gradient statistics), accumulated in float64 per
@@ -13,62 +13,25 @@ with a log line when it is corrupted or does not match.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench import hookimpl
+from bench.api.statistic import CalibrationStats, Statistic
+from bench.corpora import calibration_checksum, calibration_text
+from bench.engine.config import CalibrationConfig
 from bench.errors import UsageError
-from bench.models import Target, cache_root
+from bench.model.targets import Target, decoder_blocks
+from bench.storage import atomic_write_text, cache_root, json_key, sha256_file, temporary_sibling
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_SOURCES = {"wikitext2": "wikitext2/wiki.valid.tokens", "c4": "c4/c4_validation_2k.jsonl.gz"}
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Which calibration text, how many random windows of what length, which seed.
-
-    Defaults are sized for two CPU cores; the papers use 256 x 2048 tokens of
-    WikiText-2 train (seed 3). WikiText-2 train is not available offline, so
-    the validation split stands in (never a test split); ``c4`` uses the
-    1,000 vendored C4 documents that evaluation does not read.
-    """
-
-    dataset: str = "wikitext2"
-    samples: int = 32
-    seqlen: int = 512
-    seed: int = 3
-
-    def __post_init__(self):
-        if self.dataset not in CALIBRATION_SOURCES:
-            raise UsageError(f"unknown calibration dataset '{self.dataset}'; use one of: {', '.join(CALIBRATION_SOURCES)}")
-        if self.samples < 1 or self.seqlen < 2:
-            raise UsageError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
-
-
-def calibration_text(dataset: str) -> str:
-    from tasks.perplexity import c4_rows, wikitext2_rows
-
-    if dataset == "wikitext2":
-        return "\n\n".join(wikitext2_rows(CALIBRATION_SOURCES["wikitext2"]))
-    return "\n\n".join(c4_rows(part="calibration"))
-
-
-def calibration_checksum(dataset: str) -> str:
-    from tasks.data import checksums
-
-    return checksums()[CALIBRATION_SOURCES[dataset]]
 
 
 def calibration_batches(tokenizer, config: CalibrationConfig) -> torch.Tensor:
@@ -81,110 +44,11 @@ def calibration_batches(tokenizer, config: CalibrationConfig) -> torch.Tensor:
     return torch.stack([ids[s:s + config.seqlen] for s in starts.tolist()])
 
 
-# --------------------------------------------------------------------------- statistics
-
-class Statistic:
-    """A calibration statistic. Subclasses accumulate in float64.
-
-    Forward statistics (``needs_backward = False``) observe the input of each
-    distinct input group (``key`` = the first target reading it, ``tensor`` =
-    tokens x in_features). Backward statistics observe each target's weight
-    gradient of the LM loss, once per calibration sample (``key`` = target
-    name, ``tensor`` = out x in).
-    """
-
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    needs_backward: ClassVar[bool] = False
-    version: ClassVar[str] = "1"
-
-    def start(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def observe(self, key: str, tensor: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def _add(self, key: str, value: torch.Tensor, count: int) -> None:
-        if key in self.sums:
-            self.sums[key] += value
-        else:
-            self.sums[key] = value.clone()
-        self.counts[key] = self.counts.get(key, 0) + count
-
-    def result(self) -> dict[str, torch.Tensor]:
-        return self.sums
-
-
-class Gram(Statistic):
-    name = "gram"
-    description = "G = X X^T per input group (sum over calibration tokens, float64)"
-
-    def observe(self, key, tensor):
-        x = tensor.double()
-        self._add(key, x.T @ x, x.shape[0])
-
-
-class AbsMean(Statistic):
-    name = "abs_mean"
-    description = "mean |x| per input channel (ASVD)"
-
-    def observe(self, key, tensor):
-        self._add(key, tensor.double().abs().sum(0), tensor.shape[0])
-
-    def result(self):
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
-
-
-class Fisher(Statistic):
-    name = "fisher"
-    description = "mean squared LM-loss gradient per weight, summed over output rows: one value per input channel (FWSVD)"
-    needs_backward = True
-
-    def observe(self, key, tensor):
-        self._add(key, tensor.double().pow(2).sum(0), 1)
-
-    def result(self):
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
-
-
-class GradNorm(Statistic):
-    name = "grad_norm"
-    description = "mean Frobenius norm of the LM-loss gradient per weight matrix (DipSVD importance)"
-    needs_backward = True
-
-    def observe(self, key, tensor):
-        self._add(key, tensor.double().norm().reshape(1), 1)
-
-    def result(self):
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
-
-
-@hookimpl
-def register_statistics(register):
-    for statistic in (Gram(), AbsMean(), Fisher(), GradNorm()):
-        register(statistic)
-
-
-# --------------------------------------------------------------------------- engine
-
-@dataclass
-class CalibrationStats:
-    """Collected statistics, looked up by statistic and target name."""
-
-    values: dict[str, dict[str, torch.Tensor]]
-    input_group: dict[str, str]  # target name -> the target whose input it shares (forward statistics only)
-
-    def get(self, statistic: str, target: str) -> torch.Tensor:
-        if statistic not in self.values:
-            raise KeyError(f"statistic '{statistic}' was not collected; list it in the method's `requires`")
-        table = self.values[statistic]
-        return table[target] if target in table else table[self.input_group.get(target, target)]
-
-
 def _forward_pass(model: nn.Module, targets: list[Target], batches: torch.Tensor,
                   statistics: list[Statistic], device) -> dict[str, str]:
     """One no-grad pass feeding every forward statistic; returns the input groups."""
+    per_block = [s for s in statistics if s.scope == "block"]
+    statistics = [s for s in statistics if s.scope != "block"]
     groups: dict[str, str] = {}
     last: dict = {"tensor": None, "target": None}
     first_batch = True
@@ -203,7 +67,19 @@ def _forward_pass(model: nn.Module, targets: list[Target], batches: torch.Tensor
                 statistic.observe(target.name, flat)
         return observe
 
-    handles = [model.get_submodule(t.name).register_forward_hook(hook(t)) for t in targets]
+    def block_hook(name: str):
+        def observe(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            flat = hidden.detach().reshape(-1, hidden.shape[-1])
+            for statistic in per_block:
+                statistic.observe(name, flat)
+        return observe
+
+    handles = [model.get_submodule(t.name).register_forward_hook(hook(t)) for t in targets] if statistics else []
+    if per_block:
+        prefix, blocks = decoder_blocks(model)
+        handles += [block.register_forward_pre_hook(block_hook(f"{prefix}.{i}"), with_kwargs=True)
+                    for i, block in enumerate(blocks)]
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibration (forward)", leave=False, unit="sample"):
@@ -249,9 +125,7 @@ class StatisticsCache:
         default = os.environ.get("SVDBENCH_STATS_CACHE") or cache_root() / "stats"
         self.root = Path(root) if root else Path(default)
 
-    @staticmethod
-    def key(fields: dict) -> str:
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+    key = staticmethod(json_key)
 
     def load(self, fields: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         key = self.key(fields)
@@ -262,7 +136,7 @@ class StatisticsCache:
             info = json.loads(meta.read_text())
             if info["fields"] != fields:
                 raise ValueError("its settings do not match")
-            digest = hashlib.sha256(data.read_bytes()).hexdigest()
+            digest = sha256_file(data)
             if digest != info["sha256"]:
                 raise ValueError("its checksum does not match")
             return load_file(data), info["groups"]
@@ -274,11 +148,11 @@ class StatisticsCache:
         self.root.mkdir(parents=True, exist_ok=True)
         key = self.key(fields)
         data, meta = self.root / f"{key}.safetensors", self.root / f"{key}.json"
-        tmp = data.with_suffix(".tmp")
+        tmp = temporary_sibling(data)
         save_file({k: v.contiguous().cpu() for k, v in values.items()}, tmp)
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        digest = sha256_file(tmp)
         os.replace(tmp, data)
-        meta.write_text(json.dumps({"fields": fields, "sha256": digest, "groups": groups}, indent=1))
+        atomic_write_text(meta, json.dumps({"fields": fields, "sha256": digest, "groups": groups}, indent=1))
 
 
 def collect_statistics(model: nn.Module, model_identity: str, targets: list[Target], batches: torch.Tensor,

@@ -5,7 +5,7 @@ integer weights from HQQ (calibration-free, half-quadratic optimized
 zero points and scales), one scale and one zero point per group of
 ``group_size`` consecutive weights (stored in ``meta_dtype``, float16 by
 default, as HQQ does on GPUs), and the bias. Its ``storage_bytes()`` counts
-exactly those tensors, so :func:`bench.models.footprint` reports real bytes.
+exactly those tensors, so :func:`bench.model.targets.footprint` reports real bytes.
 The forward pass dequantizes the weight and calls ``F.linear`` (simple and
 exact to the stored values; no fused low-bit kernel on CPU).
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import UsageError
+from bench.model.targets import set_module
 
 BITS = (2, 3, 4, 8)
 META_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -53,7 +54,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def quantize(cls, linear: nn.Linear, nbits: int, group_size: int = 64,
-                 meta_dtype: torch.dtype = torch.float16) -> "QuantizedLinear":
+                 meta_dtype: torch.dtype = torch.float16) -> QuantizedLinear:
         """Quantize ``linear``'s weight with HQQ (no calibration data)."""
         from hqq.core.quantize import Quantizer
 
@@ -113,8 +114,6 @@ def quantize_linears(model: nn.Module, names: list[str], nbits: int, group_size:
 
     Returns per-layer bytes before and after, for the record.
     """
-    from bench.models import set_module
-
     layers = {}
     for name in names:
         linear = model.get_submodule(name)

@@ -2,8 +2,9 @@
 
 Plugins come from three places, in this order:
 1. the ``svdbench`` entry-point group of installed distributions - the
-   built-in methods, tasks and statistics are declared there by svdbench's
-   own pyproject, exactly as a third-party package declares its plugins;
+   built-in methods, tasks, statistics and reports are declared there by
+   svdbench's own pyproject, exactly as a third-party package declares its
+   plugins;
 2. loose ``.py`` files in ``--plugins-dir`` directories (one file, one plugin);
 3. plugin objects registered in code (tests, notebooks).
 
@@ -17,14 +18,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
-from bench import hookspecs
+from bench.api import hookspecs
+from bench.api.method import Method
 from bench.errors import UsageError, unknown_name
 
 ENTRY_POINT_GROUP = "svdbench"
@@ -64,7 +67,8 @@ def _load_file_plugin(path: Path):
 class Registry:
     """Methods, tasks and statistics by name, with the plugin that provided each."""
 
-    KINDS = {"method": "register_methods", "task": "register_tasks", "statistic": "register_statistics"}
+    KINDS = {"method": "register_methods", "task": "register_tasks", "statistic": "register_statistics",
+             "command": "register_commands"}
 
     def __init__(self, manager: pluggy.PluginManager, infos: dict[str, PluginInfo]):
         self.manager = manager
@@ -102,6 +106,22 @@ class Registry:
     @property
     def statistics(self) -> dict[str, Any]:
         return self.items["statistic"]
+
+    @property
+    def commands(self) -> dict[str, Any]:
+        return self.items["command"]
+
+    @property
+    def hook(self):
+        """The plugin hooks that are called rather than registered into (``write_report``)."""
+        return self.manager.hook
+
+    def method_factory(self, options: Mapping[str, Mapping[str, Any]]) -> Callable[[str], Method]:
+        """``create(name)``: a per-run copy of a registered method, configured from ``options[name]``."""
+        def create(name: str) -> Method:
+            prototype = self.get("method", name)
+            return prototype.configured(prototype.make_config(options.get(name, {})), create)
+        return create
 
     def get(self, kind: str, name: str):
         if name not in self.items[kind]:

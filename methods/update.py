@@ -1,6 +1,6 @@
 """SVD-LLM's sequential low-rank update, a refinement any factorized model can use.
 
-After truncation every compressed matrix is a :class:`~bench.lowrank.LowRankLinear`
+After truncation every compressed matrix is a :class:`bench.LowRankLinear`
 (``down`` = ``W_v``, ``up`` = ``W_u``). The update (SVD-LLM, METHODS.md) trains
 LoRA adapters with peft in two phases and merges after each one:
 
@@ -32,9 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from bench.errors import UsageError
-from bench.lowrank import LowRankLinear
-from bench.method import NoConfig
+from bench import LowRankLinear, NoConfig, UsageError, data_file
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +92,6 @@ def alpaca_token_ids(tokenizer, cutoff: int) -> list[torch.Tensor]:
 
 
 def _tokenize_alpaca(tokenizer, cutoff: int) -> list[torch.Tensor]:
-    from tasks.data import data_file
-
     examples = json.loads(data_file(ALPACA_FILE).read_text())
     eos = tokenizer.eos_token_id
     out = []

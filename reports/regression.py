@@ -2,7 +2,7 @@
 
 A row is one (model, method, variant, ratio, task, metric) of a results.json
 (``variant`` tells budget, bit-width and throughput-grid rows apart, see
-``reports.records.variant``). Tolerances are relative for perplexity-like
+``bench.Record.variant``). Tolerances are relative for perplexity-like
 metrics and absolute for accuracies (a fraction in 0-1): ``0.02`` means 2%
 of the perplexity or two accuracy points. ``overrides`` set a tolerance per
 metric (``perplexity=0.05``) or per task and metric (``wikitext2.perplexity=0.05``).
@@ -18,10 +18,9 @@ import datetime
 import math
 from dataclasses import dataclass, field
 
-from bench.errors import UsageError
-from reports.records import metric_kind, variant
+from bench import UsageError
 
-BASELINE_FORMAT = "svdbench-baseline/1"
+BASELINE_FORMAT = "svdbench-baseline/2"  # 2: rows carry their metric kind
 DEFAULT_TOLERANCE = 0.02
 # Metric kinds whose values go into a baseline: timings and memory vary with the machine.
 BASELINE_KINDS = ("perplexity", "accuracy", "other")
@@ -37,13 +36,14 @@ def _ratio(record: dict) -> float | None:
 
 
 def row_key(record: dict) -> RowKey:
-    return (record["model"], record["method"], variant(record), _ratio(record), record["task"], record["metric"])
+    return (record["model"], record["method"], record.get("variant", ""), _ratio(record), record["task"],
+            record["metric"])
 
 
 def comparable_rows(records: list[dict]) -> dict[RowKey, dict]:
-    """Each row's value and direction (stderr rows left out); a duplicated row keeps its last record."""
-    return {row_key(r): {"value": r["value"], "higher_is_better": r.get("higher_is_better")}
-            for r in records if metric_kind(r) != "stderr"}
+    """Each row's value, direction and kind; a duplicated row keeps its last record."""
+    return {row_key(r): {"value": r["value"], "higher_is_better": r.get("higher_is_better"),
+                         "kind": r.get("kind", "other")} for r in records}
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, float]:
@@ -61,9 +61,9 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, float]:
     return overrides
 
 
-def tolerance_for(task: str, metric: str, tolerance: float, overrides: dict[str, float]) -> tuple[float, str]:
-    """(tolerance, 'relative' | 'absolute') for one row."""
-    mode = "absolute" if metric_kind({"metric": metric}) == "accuracy" else "relative"
+def tolerance_for(task: str, metric: str, kind: str, tolerance: float, overrides: dict[str, float]) -> tuple[float, str]:
+    """(tolerance, 'relative' | 'absolute') for one row: absolute for accuracies, relative otherwise."""
+    mode = "absolute" if kind == "accuracy" else "relative"
     for name in (f"{task}.{metric}", metric):
         if name in overrides:
             return overrides[name], mode
@@ -118,8 +118,8 @@ def compare_rows(rows_a: dict[RowKey, dict], rows_b: dict[RowKey, dict], toleran
     out = []
     for key in sorted(rows_a, key=_sort_key):
         task, metric = key[4], key[5]
-        tol, mode = tolerance_for(task, metric, tolerance, overrides)
         a = rows_a[key]
+        tol, mode = tolerance_for(task, metric, a.get("kind", "other"), tolerance, overrides)
         if key not in rows_b:
             if missing_in_b:
                 out.append(Row(key, a["value"], None, a["higher_is_better"], tol, mode, "missing"))
@@ -154,10 +154,10 @@ def make_baseline(data: dict, profile: str | None = None, command: str | None = 
                   wall_s: float | None = None) -> dict:
     """The comparable part of a run: its settings and its quality rows (no timings or memory)."""
     manifest = data.get("manifest", {})
-    records = [{"model": r["model"], "method": r["method"], "variant": variant(r), "ratio": _ratio(r),
+    records = [{"model": r["model"], "method": r["method"], "variant": r.get("variant", ""), "ratio": _ratio(r),
                 "task": r["task"], "metric": r["metric"], "value": r["value"],
-                "higher_is_better": r.get("higher_is_better")}
-               for r in data["records"] if metric_kind(r) in BASELINE_KINDS]
+                "higher_is_better": r.get("higher_is_better"), "kind": r.get("kind", "other")}
+               for r in data["records"] if r.get("kind", "other") in BASELINE_KINDS]
     if not records:
         raise UsageError("the run has no perplexity or accuracy records to make a baseline of")
     config = manifest.get("config", {})
@@ -180,7 +180,8 @@ def baseline_rows(baseline: dict) -> dict[RowKey, dict]:
         raise UsageError(f"not an svdbench baseline (format {baseline.get('format')!r}, expected {BASELINE_FORMAT!r}); "
                          "regenerate it with `svdbench baseline`")
     return {(r["model"], r["method"], r["variant"], _ratio(r), r["task"], r["metric"]):
-            {"value": r["value"], "higher_is_better": r.get("higher_is_better")} for r in baseline["records"]}
+            {"value": r["value"], "higher_is_better": r.get("higher_is_better"),
+             "kind": r["kind"]} for r in baseline["records"]}
 
 
 def config_differences(baseline: dict, manifest: dict) -> list[tuple[str, object, object]]:

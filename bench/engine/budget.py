@@ -4,7 +4,7 @@ A budget is given as bytes (``300MB``, ``3.1e8``, ``250MiB``) or as a fraction
 of the dense model's bytes (``0.75``: any plain number up to 1). For one
 method the bytes of its compressed model are measured for real - allocate,
 build the model from the method's existing factorizations (no new SVD), and
-count :func:`bench.models.footprint` - and the ratio is bisected until the
+count :func:`bench.model.targets.footprint` - and the ratio is bisected until the
 smallest ratio whose model fits is pinned to within ``tol``.
 
 Assumes the method's bytes do not grow with the ratio (true of the uniform
@@ -17,16 +17,13 @@ A budget at or above the dense model's bytes needs no compression: ratio 0.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from torch import nn
-
-from bench.compress import compress_model
+from bench.api.lowrank import Factorization
+from bench.api.method import Context, Method
+from bench.engine.compress import Compressed, allocation_of, build_compressed
 from bench.errors import UsageError
-from bench.lowrank import Factorization
-from bench.models import Target, footprint
 
 MAX_RATIO = 0.99  # the search bound: rank 1 or close to it for every matrix
 TOLERANCE = 1e-3  # ratio resolution of the bisection (about a third of a rank step on SmolLM2)
@@ -91,55 +88,50 @@ def bisect_ratio(size_at: Callable[[float], int], budget: int, dense_bytes: int,
 class BudgetFit:
     """The model that fits, and how it was found."""
 
-    model: nn.Module
-    layers: dict[str, dict]
-    refined: dict
-    ratio: float
-    bytes: int
+    compressed: Compressed
     budget_bytes: int
     builds: int  # models built while searching
     refine_in_search: bool
 
+    @property
+    def bytes(self) -> int:
+        return self.compressed.summary["bytes"]
+
     def summary(self) -> dict:
-        return {"ratio": self.ratio, "bytes": self.bytes, "budget_bytes": self.budget_bytes,
+        return {"ratio": self.compressed.ratio, "bytes": self.bytes, "budget_bytes": self.budget_bytes,
                 "builds": self.builds, "refine_in_search": self.refine_in_search, "tolerance": TOLERANCE}
 
 
-def fit_budget(method: Any, config: Any, context: Any, targets: list[Target],
-               factorizations: dict[str, Factorization], budget: int) -> BudgetFit:
+def fit_budget(method: Method, factorizations: Mapping[str, Factorization], context: Context,
+               dense_footprint: dict[str, int], budget: int) -> BudgetFit:
     """The method's compressed (and refined) model at the smallest ratio that fits ``budget`` bytes."""
-    dense_bytes = footprint(context.model)["bytes"]
+    dense_bytes = dense_footprint["bytes"]
     builds = 0
     sizes: dict[tuple, int] = {}  # without refine, bytes depend on the ranks alone
 
-    def build(ratio: float, refine: bool):
+    def build(ratio: float, refine: bool) -> Compressed:
         nonlocal builds
         builds += 1
-        ranks = method.allocate(ratio, factorizations, context, config)
-        model, layers = compress_model(context.model, targets, factorizations, ranks)
-        before = footprint(model)["bytes"]
-        refined = method.refine(model, ratio, context, config) if refine else {}
-        return model, layers, refined, before
+        return build_compressed(method, ratio, factorizations, context, dense_footprint, refine=refine)
 
     def size_at(ratio: float, refine: bool) -> int:
         if refine:
-            model, _, _, _ = build(ratio, True)
-            return footprint(model)["bytes"]
-        key = tuple(sorted(method.allocate(ratio, factorizations, context, config).items()))
+            return build(ratio, True).summary["bytes"]
+        key = tuple(sorted(allocation_of(method, ratio, factorizations, context).ranks.items()))
         if key not in sizes:
-            sizes[key] = build(ratio, False)[3]
+            sizes[key] = build(ratio, False).summary["bytes"]
         return sizes[key]
 
     refine_in_search = False
     ratio, _ = bisect_ratio(lambda r: size_at(r, False), budget, dense_bytes)
-    model, layers, refined, before = build(ratio, True)
-    if footprint(model)["bytes"] != before:  # refine changed the storage: search again with it
+    unrefined_bytes = size_at(ratio, False)
+    compressed = build(ratio, True)
+    if compressed.summary["bytes"] != unrefined_bytes:  # refine changed the storage: search again with it
         refine_in_search = True
-        del model
+        del compressed
         ratio, _ = bisect_ratio(lambda r: size_at(r, True), budget, dense_bytes)
-        model, layers, refined, _ = build(ratio, True)
-    size = footprint(model)["bytes"]
-    if size > budget:
-        raise ValueError(f"the model at ratio {ratio:.4f} takes {size} bytes, over the budget of {budget} "
-                         "(its bytes are not monotone in the ratio)")
-    return BudgetFit(model, layers, refined, ratio, size, budget, builds, refine_in_search)
+        compressed = build(ratio, True)
+    if compressed.summary["bytes"] > budget:
+        raise ValueError(f"the model at ratio {ratio:.4f} takes {compressed.summary['bytes']} bytes, over the budget "
+                         f"of {budget} (its bytes are not monotone in the ratio)")
+    return BudgetFit(compressed, budget, builds, refine_in_search)

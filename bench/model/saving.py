@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
-from bench.lowrank import LowRankLinear
-from bench.models import LoadedModel, fingerprint, set_module, sha256_file
-from bench.quantize import QuantizedLinear
+from bench.model.layers import LowRankLinear
+from bench.model.loaded import LoadedModel, fingerprint
+from bench.model.quantized import QuantizedLinear
+from bench.model.targets import set_module
+from bench.storage import sha256_file
 
 MANIFEST = "svdbench.json"
 WEIGHTS = "model.safetensors"
@@ -56,9 +58,9 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
     ``manifest`` carries what the caller knows (method, config, ratio, source
     model identity, ...); the layout, checksums and versions are added here.
     """
-    from safetensors.torch import save_model
+    from importlib.metadata import version
 
-    import bench
+    from safetensors.torch import save_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
         tokenizer.save_pretrained(out)
     save_model(model, str(out / WEIGHTS), metadata={"format": "svdbench"})  # shared (tied) tensors stored once
     ranks, quantized = _layout(model)
-    full = {**manifest, "format": FORMAT, "svdbench_version": bench.__version__,
+    full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "ranks": ranks, "quantized": quantized, "fingerprint": fingerprint(model),
             "weights": {WEIGHTS: sha256_file(out / WEIGHTS)}}
@@ -153,7 +155,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> Loa
         model.to(dtype)
         identity = ""  # recomputed by LoadedModel for the converted weights
     tokenizer = AutoTokenizer.from_pretrained(path)
-    info = {"compressed": {k: manifest.get(k) for k in ("method", "ratio", "config", "calibration", "source_model", "refine")},
+    info = {"compressed": {k: manifest.get(k) for k in ("method", "ratio", "config", "calibration", "source_model", "facts")},
             "compressed_dtype": manifest.get("dtype")}
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=path.name, source=f"compressed:{path.resolve()}",
                        identity=identity, info=info)

@@ -1,0 +1,187 @@
+"""The method contract: what a compression plugin implements.
+
+A method goes through up to four stages; only ``decompose`` is required:
+
+1. ``requires`` - the calibration statistics it needs, by name (a method
+   whose needs depend on its config overrides ``required_statistics``). The
+   harness collects each once per (model, calibration settings) and shares it.
+2. ``decompose`` - a ratio-independent :class:`~bench.api.lowrank.Factorization`
+   of one matrix. A ratio sweep calls it once per matrix and truncates the
+   same factorization at every ratio; methods whose ``decomposition_key`` is
+   equal (``svd`` and ``svdllm_u``, ``svdllm_w`` and ``svdllm``) share one
+   decomposition within a run.
+3. ``allocate`` - the rank of every matrix for a target ratio. The default
+   gives every matrix the uniform rank of METHODS.md; methods with
+   heterogeneous ratios (ASVD, SVD-LLM V2, DipSVD) override it.
+4. ``refine`` - optional post-truncation work on the compressed model, in
+   place (a LoRA update, quantization of the factors).
+
+A method's settings are a small frozen dataclass (``config_class``) built
+from ``--method-option`` values by its type hints; it is recorded in
+results.json and is part of every resume key. The object registered by a
+plugin is a prototype: every run works on its own copy, made by
+:meth:`Method.configured` with the run's config, so nothing a stage computes
+leaks into another run. Stages report what they found by returning it -
+``Factorization.facts``, ``Allocation.facts``, ``refine``'s dictionary - and
+the harness records it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.api.configs import build_config, config_dict
+from bench.api.lowrank import Factorization, rank_for_ratio
+from bench.api.statistic import CalibrationStats
+from bench.model.targets import Target
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """Config of a method without settings."""
+
+
+@dataclass
+class Context:
+    """What a method may read while compressing one model.
+
+    ``model`` is the original model: read it, never modify it. ``stats`` has
+    every statistic the method listed in ``requires``; ``calibration`` holds
+    the calibration token windows (``samples x seqlen``) for methods that
+    evaluate or train on them; ``cache_dir`` is where a method may keep its
+    own verified caches.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    targets: list[Target]
+    stats: CalibrationStats | None
+    calibration: torch.Tensor | None
+    device: str
+    cache_dir: Path
+    model_identity: str
+
+    def weight(self, target: Target) -> torch.Tensor:
+        return self.model.get_submodule(target.name).weight.detach()
+
+
+@dataclass
+class Allocation:
+    """Ranks per target for one ratio, and what the allocator found (recorded with the compression)."""
+
+    ranks: dict[str, int]
+    facts: dict = field(default_factory=dict)
+
+
+def uniform_ranks(targets: list[Target], ratio: float) -> dict[str, int]:
+    """The rank formula of METHODS.md applied to every matrix alike."""
+    return {t.name: rank_for_ratio(t.out_features, t.in_features, ratio) for t in targets}
+
+
+@dataclass(frozen=True)
+class PaperNotes:
+    """Where a method comes from and how svdbench's version differs (the report's method notes).
+
+    ``paper``: citation; ``paper_defaults``: the settings the paper used;
+    ``deviations``: every way svdbench's implementation or defaults differ,
+    each with its reason.
+    """
+
+    paper: str
+    paper_defaults: str = ""
+    deviations: tuple[str, ...] = ()
+
+
+class Method:
+    """Base class of compression methods. Subclasses set ``name`` and implement ``decompose``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type] = NoConfig
+    requires: ClassVar[tuple[str, ...]] = ()
+    needs_calibration_data: ClassVar[bool] = False  # calibration windows without statistics
+    uses_ratio: ClassVar[bool] = True  # False: the method removes no parameters (e.g. plain quantization)
+    # How the method is built, for the ablation table (SVD-LLM Table 4), e.g.
+    # {"transform": "whitening", "update": "yes"}; empty: not part of it.
+    components: ClassVar[dict[str, str]] = {}
+    notes: ClassVar[PaperNotes | None] = None
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.config_class()
+
+    # ------------------------------------------------------------------ per run
+    def make_config(self, options: Mapping[str, Any] | None = None) -> Any:
+        """The config from ``--method-option`` strings or profile values; unknown keys are an error."""
+        return build_config(self.config_class, dict(options or {}), self.name)
+
+    def configured(self, config: Any, create: Callable[[str], Method]) -> Method:
+        """A fresh copy of this method for one run, holding ``config``.
+
+        ``create(name)`` makes another registered method configured for the
+        same run; a method built on others (SVD + quantization) overrides
+        this to make its parts.
+        """
+        method = copy.deepcopy(self)
+        method.config = config
+        return method
+
+    def required_statistics(self) -> tuple[str, ...]:
+        """The statistics this configured method needs (default: ``requires``)."""
+        return tuple(self.requires)
+
+    def uses_calibration(self) -> bool:
+        """Whether results depend on the calibration data (so resume keys include its settings)."""
+        return bool(self.required_statistics()) or self.needs_calibration_data
+
+    def settings(self) -> dict:
+        """Everything that determines this configured method's results (part of every resume key).
+
+        Default: its config. A method built on others adds their settings.
+        """
+        return config_dict(self.config)
+
+    def storage_bits(self) -> int | None:
+        """Weight bits of the compressed model when it is quantized (reports group by it); else ``None``."""
+        return None
+
+    def describe(self) -> dict:
+        """What reports need to know about this configured method (recorded in the run manifest)."""
+        info: dict = {"description": self.description, "config": self.settings(),
+                      "uses_ratio": self.uses_ratio, "bits": self.storage_bits()}
+        if self.components:
+            info["components"] = dict(self.components)
+        if self.notes is not None:
+            info["notes"] = dataclasses.asdict(self.notes)
+        return info
+
+    # ------------------------------------------------------------------ stages
+    def decompose(self, target: Target, weight: torch.Tensor, context: Context, config: Any) -> Factorization:
+        """Factorize one matrix (ratio-independent)."""
+        raise NotImplementedError
+
+    def decomposition_key(self, config: Any) -> str:
+        """What ``decompose`` computes: equal keys mean identical factorizations, shared within a run.
+
+        Default: the class that defines ``decompose`` and the whole config. A
+        method that reuses another's ``decompose`` with settings it does not
+        read (a refine-only variant) returns that method's key.
+        """
+        owner = next(c for c in type(self).__mro__ if "decompose" in vars(c))
+        return f"{owner.__module__}.{owner.__qualname__} {config_dict(config)}"
+
+    def allocate(self, ratio: float, factorizations: Mapping[str, Factorization], context: Context,
+                 config: Any) -> dict[str, int] | Allocation:
+        """Rank per target for ``ratio`` (the fraction of parameters removed), or an :class:`Allocation`."""
+        return uniform_ranks(context.targets, ratio)
+
+    def refine(self, model: nn.Module, ratio: float, context: Context, config: Any) -> dict:
+        """Improve the compressed ``model`` in place; return facts for the record."""
+        return {}

@@ -1,0 +1,219 @@
+"""The ``svdbench`` command line.
+
+``run``, ``compress``, ``report`` and ``plugins`` are the host's own
+commands; plugins add more through the ``register_commands`` hook (the
+reports plugin adds ``compare``, ``check`` and ``baseline``). Bad input ends
+in one line on stderr and exit status 2; a run in which a method failed
+exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from bench.errors import UsageError
+
+EXIT_USAGE = 2
+EXIT_FAILURES = 1
+SUPPRESS = argparse.SUPPRESS
+
+
+def _method_options(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``["asvd.alpha=0.5", "svdllm_quant.quantizer=gptq"]`` -> ``{"asvd": {"alpha": "0.5"}, ...}``."""
+    options: dict[str, dict[str, str]] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot or not method or not option:
+            raise UsageError(f"--method-option {pair!r} must look like METHOD.OPTION=VALUE, e.g. asvd.alpha=0.5")
+        options.setdefault(method, {})[option] = value
+    return options
+
+
+def _calibration_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib-dataset", dest="calibration.dataset", default=SUPPRESS,
+                        help="wikitext2 (validation split, the default) or c4")
+    parser.add_argument("--calib-samples", dest="calibration.samples", default=SUPPRESS,
+                        help="number of calibration windows (default 32; papers: 256)")
+    parser.add_argument("--calib-seqlen", dest="calibration.seqlen", default=SUPPRESS,
+                        help="tokens per calibration window (default 512; papers: 2048)")
+    parser.add_argument("--seed", dest="calibration.seed", default=SUPPRESS,
+                        help="seed of the calibration window choice (default 3)")
+    parser.add_argument("--method-option", dest="method_options", action="append", default=SUPPRESS,
+                        metavar="METHOD.OPTION=VALUE", help="set a method's config field, e.g. asvd.alpha=0.5 "
+                        "(repeatable; nested settings with dots: svdllm_quant.gptq.damp=0.01)")
+    parser.add_argument("--device", default=SUPPRESS, help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default=SUPPRESS, help="float32 (default), bfloat16 or float16")
+
+
+def build_parser(commands: dict) -> argparse.ArgumentParser:
+    """The parser of every command; ``run`` and ``compress`` flags default to "not given" (the config decides)."""
+    parser = argparse.ArgumentParser(prog="svdbench", description="Compare SVD compression methods for LLMs.")
+    parser.add_argument("--plugins-dir", action="append", default=[], help="load every .py file in this directory as a plugin")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="compress a model with several methods and ratios and evaluate every result")
+    run.add_argument("--model", default=SUPPRESS, help="smollm2-135m (default), a Hugging Face model directory or a .gguf file")
+    run.add_argument("--methods", default=SUPPRESS,
+                     help="comma-separated method names, 'all' for every registered method, 'none' for only the dense model")
+    run.add_argument("--ratios", default=SUPPRESS,
+                     help="fractions of parameters removed, e.g. 0.2,0.4,0.6 (default; none when --budgets is given)")
+    run.add_argument("--budgets", default=SUPPRESS,
+                     help="memory budgets: bytes (300MB, 250MiB, 3.1e8) or fractions of the dense bytes (0.9,0.75); "
+                          "each method is compressed at the smallest ratio that fits")
+    run.add_argument("--tasks", default=SUPPRESS, help="comma-separated task names (default wikitext2)")
+    run.add_argument("--limit", default=SUPPRESS, help="evaluate only the first N windows/examples of each task")
+    run.add_argument("--seqlen", default=SUPPRESS, help="perplexity window length in tokens (default 2048)")
+    run.add_argument("--batch-size", dest="batch_size", default=SUPPRESS, help="evaluation batch size (default 1)")
+    _calibration_flags(run)
+    run.add_argument("--out", default=SUPPRESS, help="output directory (default runs/latest); re-running with the same --out resumes")
+    run.add_argument("--profile", default=None,
+                     help="default (the main job), paper (the papers' full protocol, for a GPU), ci (the regression "
+                          "baseline's settings) or a JSON file of run settings; flags given explicitly override it")
+    run.add_argument("--with-published", action="store_true",
+                     help="print the papers' LLaMA-7B numbers beside the measured tables")
+
+    compress = sub.add_parser("compress", help="compress a model with one method at one ratio and save it "
+                                               "(safetensors + svdbench.json)")
+    compress.add_argument("--model", default=SUPPRESS, help="smollm2-135m (default), a Hugging Face model directory or a .gguf file")
+    compress.add_argument("--method", required=True, help="a method name (see svdbench plugins)")
+    compress.add_argument("--ratio", required=True, help="fraction of parameters removed, e.g. 0.4")
+    compress.add_argument("--out", required=True, help="directory to write; load it back with --model DIR")
+    _calibration_flags(compress)
+
+    sub.add_parser("plugins", help="print the loaded plugins, their hooks and versions as JSON")
+
+    report = sub.add_parser("report", help="re-render report.md, the CSV files and plots from a run's results.json")
+    report.add_argument("dir")
+    report.add_argument("--with-published", action="store_true",
+                        help="print the papers' LLaMA-7B numbers beside the measured tables")
+
+    for name, command in commands.items():
+        command.configure(sub.add_parser(name, help=command.help))
+    return parser
+
+
+def _explicit(args: argparse.Namespace) -> dict:
+    """The run settings given on the command line, nested like :class:`RunConfig`."""
+    explicit: dict = {}
+    for dest, value in vars(args).items():
+        if dest in ("command", "plugins_dir", "verbose", "profile", "with_published", "method", "ratio"):
+            continue
+        if dest == "method_options":
+            value = _method_options(value)
+        head, dot, rest = dest.partition(".")
+        if dot:
+            explicit.setdefault(head, {})[rest] = value
+        else:
+            explicit[dest] = value
+    if args.plugins_dir:
+        explicit["plugins_dirs"] = list(args.plugins_dir)
+    return explicit
+
+
+def _write_report(registry, data: dict, out_dir: Path, with_published: bool) -> list[Path]:
+    written = [path for paths in registry.hook.write_report(results=data, out_dir=out_dir,
+                                                            with_published=with_published) for path in paths]
+    if not written:
+        raise UsageError("no report plugin is installed; reinstall svdbench (its reports plugin renders report.md)")
+    return written
+
+
+def _run(args, registry) -> int:
+    from bench.engine.config import resolve_config
+    from bench.engine.executor import run
+
+    config = resolve_config(args.profile, _explicit(args))
+    if args.profile:
+        logging.getLogger("svdbench").info("profile %s", args.profile)
+    results = run(config, registry)
+    paths = _write_report(registry, results.data, Path(config.out), args.with_published)
+    print(paths[0].read_text())
+    print("wrote", ", ".join(str(p) for p in [results.path, *paths]))
+    return EXIT_FAILURES if results.data["failures"] else 0
+
+
+def _compress(args, registry) -> int:
+    from bench.api.configs import coerce_value
+    from bench.engine.config import resolve_config
+    from bench.engine.executor import Workspace
+    from bench.engine.plan import RATIO_DEFINITION, validate
+    from bench.engine.provenance import package_versions
+    from bench.model.saving import save_compressed
+
+    ratio = coerce_value(float, args.ratio, "--ratio")
+    config = resolve_config(None, {**_explicit(args), "methods": [args.method], "ratios": [ratio]})
+    validate(config, registry)
+    workspace = Workspace(config, registry)
+    method, compressed = workspace.compress(args.method, ratio)
+    loaded = workspace.loaded
+    summary = compressed.summary
+    manifest = {"method": args.method, "ratio": ratio, "config": method.settings(),
+                "calibration": config.to_dict()["calibration"] if method.uses_calibration() else None,
+                "source_model": {"spec": config.model, "name": loaded.name, "source": loaded.source,
+                                 "identity": loaded.identity, **loaded.info},
+                "ratio_definition": RATIO_DEFINITION, "accounting": summary, "layers": compressed.layers,
+                "facts": compressed.facts, "versions": package_versions(), "timings": workspace.timings}
+    out = save_compressed(compressed.model, loaded.tokenizer, args.out, manifest)
+    print(f"wrote {out}: {args.method} at ratio {ratio}, {summary['params']} parameters, {summary['bytes']} bytes "
+          f"(dense {summary['dense_params']} / {summary['dense_bytes']})")
+    return 0
+
+
+def _plugins(args, registry) -> int:
+    print(json.dumps(registry.describe(), indent=2))
+    return 0
+
+
+def _report(args, registry) -> int:
+    from bench.api.record import load_results
+
+    for path in _write_report(registry, load_results(args.dir), Path(args.dir), args.with_published):
+        print("wrote", path)
+    return 0
+
+
+HOST_COMMANDS = {"run": _run, "compress": _compress, "plugins": _plugins, "report": _report}
+
+
+def _plugins_dirs(argv: list[str]) -> list[str]:
+    """``--plugins-dir`` values, read before the full parser exists (plugins add commands to it)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--plugins-dir", action="append", default=[])
+    known, _ = early.parse_known_args(argv)
+    return known.plugins_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from bench.engine.plugins import load_registry
+
+        plugins_dirs = _plugins_dirs(argv)
+        registry = load_registry(plugins_dirs)
+        clash = sorted(set(registry.commands) & set(HOST_COMMANDS))
+        if clash:
+            raise UsageError(f"plugin command '{clash[0]}' clashes with svdbench's own; rename it in its plugin")
+        args = build_parser(registry.commands).parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        if args.command in HOST_COMMANDS:
+            return HOST_COMMANDS[args.command](args, registry)
+        prefix = [f"--plugins-dir={d}" for d in plugins_dirs]
+        return registry.commands[args.command].run(args, lambda more: main(prefix + list(more)))
+    except UsageError as error:
+        print(f"svdbench: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""A run planned into cells: one (method, ratio or budget, task) evaluation each.
+
+A run is planned once, before anything is computed. Every cell has a resume
+key - a hash of everything that determines its value: the model's identity,
+the method and its config, the ratio (or the budget in bytes), the task and
+the settings that change its result, the dtype and, for methods that use
+calibration data, the calibration settings. A re-run with the same ``--out``
+skips the cells whose key is already in results.json.
+
+Cells are grouped by the decomposition they share (a method on one model, or
+several methods with one ``decomposition_key``: ``svd`` and ``svdllm_u``):
+a group is the unit of work an executor runs - statistics, one
+decomposition, then every ratio, budget and task of its methods. A plan and
+its groups are plain data (:meth:`Plan.to_dict`), so a group can be executed
+in another process from its serialized description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench.api.configs import config_dict
+from bench.api.method import Method
+from bench.api.record import DENSE
+from bench.api.task import EvalSettings
+from bench.engine.budget import budget_bytes, parse_budget
+from bench.engine.config import RunConfig
+from bench.engine.plugins import Registry
+from bench.storage import json_key
+
+RATIO_DEFINITION = "fraction of each compressed matrix's parameters removed: rank = floor(m*n*(1-ratio)/(m+n))"
+
+
+def record_key(**fields) -> str:
+    """A stable hash of everything that determines a measurement."""
+    return json_key(fields)[:24]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation: ``method`` at ``ratio`` (or at the ratio that fits ``budget``) on ``task``."""
+
+    method: str
+    task: str
+    key: str
+    ratio: float = 0.0
+    budget: str | None = None  # as given: "0.75" (a fraction of the dense bytes) or "300MB"
+
+
+@dataclass(frozen=True)
+class CellGroup:
+    """Cells that share one decomposition (``decomposition`` is its key; empty for the dense model)."""
+
+    decomposition: str
+    methods: tuple[str, ...]
+    cells: tuple[Cell, ...]
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.methods)
+
+    def targets(self, method: str) -> list[tuple[float, str | None]]:
+        """The (ratio, budget) points of ``method`` in this group, in plan order."""
+        seen: dict[tuple[float, str | None], None] = {}
+        for cell in self.cells:
+            if cell.method == method:
+                seen.setdefault((cell.ratio, cell.budget))
+        return list(seen)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every cell of a run, grouped, with what a worker needs to execute any group."""
+
+    config: RunConfig
+    model_identity: str
+    dense_bytes: int
+    statistics: tuple[str, ...]  # every statistic the run's methods need, collected in one pass
+    groups: tuple[CellGroup, ...]
+
+    def cells(self) -> list[Cell]:
+        return [cell for group in self.groups for cell in group.cells]
+
+    def keys(self) -> set[str]:
+        return {cell.key for cell in self.cells()}
+
+    def pending(self, done: Callable[[str], bool]) -> Plan:
+        """The plan without the cells already done; groups left empty are dropped."""
+        groups = []
+        for group in self.groups:
+            cells = tuple(cell for cell in group.cells if not done(cell.key))
+            if cells:
+                groups.append(dataclasses.replace(group, cells=cells))
+        return dataclasses.replace(self, groups=tuple(groups))
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "model_identity": self.model_identity,
+                "dense_bytes": self.dense_bytes, "statistics": list(self.statistics),
+                "groups": [{"decomposition": g.decomposition, "methods": list(g.methods),
+                            "cells": [dataclasses.asdict(c) for c in g.cells]} for g in self.groups]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        groups = tuple(CellGroup(g["decomposition"], tuple(g["methods"]), tuple(Cell(**c) for c in g["cells"]))
+                       for g in data["groups"])
+        return cls(RunConfig.from_dict(data["config"]), data["model_identity"], data["dense_bytes"],
+                   tuple(data["statistics"]), groups)
+
+
+def eval_settings(config: RunConfig) -> EvalSettings:
+    return EvalSettings(seqlen=config.seqlen, limit=config.limit, batch_size=config.batch_size, device=config.device)
+
+
+def run_methods(config: RunConfig, registry: Registry) -> list[str]:
+    """The run's method names, with ``all`` and ``none`` resolved."""
+    if list(config.methods) == ["all"]:
+        return list(registry.methods)
+    if list(config.methods) == ["none"]:
+        return []
+    for name in config.methods:
+        registry.get("method", name)
+    return list(config.methods)
+
+
+def cell_key(config: RunConfig, registry: Registry, model_identity: str, method: Method | None, task: str,
+             ratio: float = 0.0, budget_in_bytes: int | None = None) -> str:
+    """The resume key of one cell (``method`` None: the dense model); a budget cell is keyed by its budget."""
+    settings = registry.get("task", task).settings_key(eval_settings(config))
+    calibrated = method is not None and method.uses_calibration()
+    where = {"ratio": ratio} if budget_in_bytes is None else {"budget": budget_in_bytes}
+    return record_key(model=model_identity, method=method.name if method else DENSE,
+                      config=method.settings() if method else {}, **where, task=task, settings=settings,
+                      dtype=config.dtype, calibration=config_dict(config.calibration) if calibrated else None)
+
+
+def validate(config: RunConfig, registry: Registry) -> None:
+    """Every name and option of ``config`` exists and parses: checked before any model is loaded."""
+    for name in config.tasks:
+        registry.get("task", name)
+    for budget in config.budgets:
+        parse_budget(budget)
+    create = registry.method_factory(config.method_options)
+    for name in [*config.method_options, *run_methods(config, registry)]:  # options of methods not run too
+        create(name)
+
+
+def make_plan(config: RunConfig, registry: Registry, model_identity: str, dense_bytes: int) -> Plan:
+    """Plan every cell of ``config`` for the model with this identity and size."""
+    validate(config, registry)
+    create = registry.method_factory(config.method_options)
+    names = run_methods(config, registry)
+    methods = {name: create(name) for name in names}
+    statistics: list[str] = []
+    for method in methods.values():
+        for statistic in method.required_statistics():
+            registry.get("statistic", statistic)
+            if statistic not in statistics:
+                statistics.append(statistic)
+
+    groups = [CellGroup("", (DENSE,), tuple(Cell(DENSE, task, cell_key(config, registry, model_identity, None, task))
+                                             for task in config.tasks))]
+    by_key: dict[str, list[str]] = {}
+    for name, method in methods.items():
+        by_key.setdefault(method.decomposition_key(method.config), []).append(name)
+    for key, members in by_key.items():
+        cells = []
+        for name in members:
+            method = methods[name]
+            ratios = list(config.ratios) if method.uses_ratio else ([0.0] if config.ratios else [])
+            for ratio in ratios:
+                cells += [Cell(name, task, cell_key(config, registry, model_identity, method, task, ratio=ratio),
+                               ratio=ratio) for task in config.tasks]
+            for spec in config.budgets:
+                size = budget_bytes(spec, dense_bytes)
+                cells += [Cell(name, task, cell_key(config, registry, model_identity, method, task,
+                                                    budget_in_bytes=size), budget=spec) for task in config.tasks]
+        if cells:
+            groups.append(CellGroup(key, tuple(members), tuple(cells)))
+    return Plan(config, model_identity, dense_bytes, tuple(statistics), tuple(groups))

@@ -1,0 +1,102 @@
+"""What to compress in a model, and how big a model is.
+
+The layers to compress are found from the model's structure - every
+``nn.Linear`` inside the decoder blocks (the longest ``nn.ModuleList`` of
+identical blocks) - so Llama, Qwen2, OPT, Gemma and other families work
+without a list of layer names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from bench.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Target:
+    """One compressible linear: its module path, block index and type.
+
+    ``kind`` is the path inside its block (``self_attn.q_proj``); matrices of
+    the same kind across blocks form the groups SVD-LLM V2 allocates within.
+    """
+
+    name: str
+    block: int
+    kind: str
+    out_features: int
+    in_features: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features + (self.out_features if self.bias else 0)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's decoder blocks: the longest ModuleList of same-type modules holding linears."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise UsageError(f"cannot find decoder blocks in {type(model).__name__}; "
+                         "svdbench compresses models whose blocks sit in an nn.ModuleList")
+    return best
+
+
+def find_targets(model: nn.Module) -> list[Target]:
+    """Every ``nn.Linear`` inside the decoder blocks, in module order."""
+    prefix, blocks = decoder_blocks(model)
+    targets = []
+    for index, block in enumerate(blocks):
+        for kind, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                targets.append(Target(name=f"{prefix}.{index}.{kind}", block=index, kind=kind,
+                                      out_features=module.out_features, in_features=module.in_features,
+                                      bias=module.bias is not None))
+    return targets
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def footprint(model: nn.Module) -> dict[str, int]:
+    """Whole-model parameter count and bytes (tied weights counted once).
+
+    Modules may add bytes that are not parameters (packed quantized weights)
+    by exposing ``storage_bytes()``; those are counted instead of their
+    parameters and buffers.
+    """
+    seen: set[int] = set()
+    params = 0
+    nbytes = 0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal params, nbytes
+        if hasattr(module, "storage_bytes"):
+            nbytes += int(module.storage_bytes())
+            params += int(module.storage_params())
+            return
+        for p in module.parameters(recurse=False):
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            params += p.numel()
+            nbytes += p.numel() * p.element_size()
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return {"params": params, "bytes": nbytes}

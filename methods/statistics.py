@@ -1,0 +1,60 @@
+"""The built-in calibration statistics, a plugin like the methods that ask for them.
+
+All accumulate in float64: ``gram`` (X X^T per input group, SVD-LLM and its
+successors), ``abs_mean`` (ASVD), ``fisher`` (FWSVD) and ``grad_norm``
+(DipSVD's importance).
+"""
+
+from __future__ import annotations
+
+from bench import Statistic, hookimpl
+
+
+class Gram(Statistic):
+    name = "gram"
+    description = "G = X X^T per input group (sum over calibration tokens, float64)"
+
+    def observe(self, key, tensor):
+        x = tensor.double()
+        self.add(key, x.T @ x, x.shape[0])
+
+
+class AbsMean(Statistic):
+    name = "abs_mean"
+    description = "mean |x| per input channel (ASVD)"
+
+    def observe(self, key, tensor):
+        self.add(key, tensor.double().abs().sum(0), tensor.shape[0])
+
+    def result(self):
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+class Fisher(Statistic):
+    name = "fisher"
+    description = "mean squared LM-loss gradient per weight, summed over output rows: one value per input channel (FWSVD)"
+    needs_backward = True
+
+    def observe(self, key, tensor):
+        self.add(key, tensor.double().pow(2).sum(0), 1)
+
+    def result(self):
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+class GradNorm(Statistic):
+    name = "grad_norm"
+    description = "mean Frobenius norm of the LM-loss gradient per weight matrix (DipSVD importance)"
+    needs_backward = True
+
+    def observe(self, key, tensor):
+        self.add(key, tensor.double().norm().reshape(1), 1)
+
+    def result(self):
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+@hookimpl
+def register_statistics(register):
+    for statistic in (Gram(), AbsMean(), Fisher(), GradNorm()):
+        register(statistic)
