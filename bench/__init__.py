@@ -28,7 +28,8 @@ _API = {
     **dict.fromkeys(('LowRankLinear',), "bench.model.layers"),
     **dict.fromkeys(('first_nonfinite_module',), "bench.model.numerics"),
     **dict.fromkeys(('BITS', 'META_DTYPES', 'QuantizedLinear', 'quantize_linears'), "bench.model.quantized"),
-    **dict.fromkeys(('Target', 'decoder_blocks', 'footprint', 'set_module'), "bench.model.targets"),
+    **dict.fromkeys(('Target', 'decoder_blocks', 'execution_device', 'footprint', 'set_module'), "bench.model.targets"),
+    **dict.fromkeys(('release_free_memory',), "bench.memory"),
     **dict.fromkeys(('JsonCache', 'atomic_write_text', 'cache_root', 'json_key', 'sha256_file'), "bench.storage"),
 }
 

@@ -69,7 +69,8 @@ def test_found_ratio_fits_and_a_slightly_smaller_one_does_not(fraction):
     budget = int(fraction * dense)
     fit = fit_budget(method, factorizations, context, dense_footprint, budget)
     assert fit.bytes <= budget and footprint(fit.compressed.model)["bytes"] == fit.bytes
-    assert fit.compressed.summary["bytes"] == fit.bytes and fit.budget_bytes == budget and fit.builds > 1
+    # without refine the search reads bytes off the ranks: the one model built is the one found
+    assert fit.compressed.summary["bytes"] == fit.bytes and fit.budget_bytes == budget and fit.builds == 1
     assert 0 < fit.compressed.ratio < 1 and not fit.refine_in_search
     assert fit.summary()["ratio"] == fit.compressed.ratio and fit.summary()["tolerance"] == TOLERANCE
     assert _bytes_at(method, fit.compressed.ratio - TOLERANCE, targets, context, config, factorizations) > budget

@@ -1,11 +1,12 @@
-"""Calibration statistics: correctness, sharing and the verified disk cache."""
+"""Calibration statistics: correctness, the block-by-block pass against a whole-model pass, the verified store."""
 
 import logging
 
+import pytest
 import torch
 from conftest import tiny_model
 
-from bench.engine.calibration import StatisticsCache, calibration_batches, collect_statistics
+from bench.engine.calibration import StatisticsStore, calibration_batches, collect_statistics
 from bench.engine.config import CalibrationConfig
 from bench.model.loaded import fingerprint
 from bench.model.targets import find_targets
@@ -16,7 +17,7 @@ CONFIG = CalibrationConfig(samples=3, seqlen=16)
 
 def collect(model, batches, statistics, cache_dir):
     return collect_statistics(model, fingerprint(model), find_targets(model), batches, CONFIG, statistics,
-                              cache=StatisticsCache(cache_dir))
+                              cache=StatisticsStore(cache_dir))
 
 
 def inputs_of(model, name, batches):
@@ -75,18 +76,18 @@ def test_cache_is_reused_then_rebuilt_when_corrupted(tmp_path, caplog, monkeypat
     first = collect(model, batches, [Gram()], tmp_path)
     passes = []
     import bench.engine.calibration as calibration
-    real = calibration._forward_pass
-    monkeypatch.setattr(calibration, "_forward_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = calibration.forward_statistics
+    monkeypatch.setattr(calibration, "forward_statistics", lambda *a, **k: passes.append(1) or real(*a, **k))
     second = collect(model, batches, [Gram()], tmp_path)
     assert passes == []  # served from the cache
     assert second.input_group == first.input_group
     for key, value in first.values["gram"].items():
         assert torch.equal(value, second.values["gram"][key])
-    [data_file] = tmp_path.glob("*.safetensors")
+    [data_file] = tmp_path.glob("*/block-0001.safetensors")
     data_file.write_bytes(data_file.read_bytes()[:-10] + b"0123456789")
     with caplog.at_level(logging.WARNING):
         third = collect(model, batches, [Gram()], tmp_path)
-    assert passes == [1] and "checksum does not match" in caplog.text
+    assert passes == [1] and "does not match its checksum" in caplog.text
     assert torch.equal(third.get("gram", "model.layers.0.self_attn.q_proj"), first.get("gram", "model.layers.0.self_attn.q_proj"))
 
 
@@ -94,6 +95,63 @@ def test_two_models_never_share_an_entry(tmp_path):
     batches = torch.randint(0, 256, (2, 16))
     a = collect(tiny_model("llama", seed=0), batches, [Gram()], tmp_path)
     b = collect(tiny_model("llama", seed=1), batches, [Gram()], tmp_path)
-    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert len([p for p in tmp_path.iterdir() if (p / "manifest.json").exists()]) == 2
     name = "model.layers.0.self_attn.q_proj"
     assert not torch.allclose(a.get("gram", name), b.get("gram", name))
+
+
+def whole_model_statistics(model, batches, statistics):
+    """The reference: every window through the whole model at once, hooks on every linear (the old engine)."""
+    targets = find_targets(model)
+    groups, last = {}, {"tensor": None, "target": None, "first": True}
+    for statistic in statistics:
+        statistic.start()
+
+    def hook(target):
+        def observe(_module, inputs, _output):
+            x = inputs[0]
+            if last["first"]:
+                groups[target.name] = groups[last["target"]] if last["tensor"] is x else target.name
+                last["tensor"], last["target"] = x, target.name
+            if groups[target.name] == target.name:
+                for statistic in statistics:
+                    statistic.observe(target.name, x.detach().reshape(-1, x.shape[-1]))
+        return observe
+
+    handles = [model.get_submodule(t.name).register_forward_hook(hook(t)) for t in targets]
+    with torch.no_grad():
+        for row in batches:
+            model(row[None], use_cache=False)
+            last["first"], last["tensor"] = False, None
+    for handle in handles:
+        handle.remove()
+    return {s.name: s.result() for s in statistics}, groups
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt"])
+def test_block_by_block_pass_is_bit_identical_to_a_whole_model_pass(family, tmp_path):
+    model = tiny_model(family)
+    batches = torch.randint(0, 256, (3, 16))
+    expected, groups = whole_model_statistics(model, batches, [Gram(), AbsMean()])
+    got = collect(model, batches, [Gram(), AbsMean()], tmp_path)
+    assert got.input_group == groups
+    for name, table in expected.items():
+        assert set(got.values[name]) == set(table)
+        for key, value in table.items():
+            assert torch.equal(got.values[name][key], value), (name, key)
+
+
+def test_each_block_is_delivered_once_with_its_statistics(tmp_path):
+    """on_block sees block 0, 1, ... with exactly that block's statistics, from the pass and then from the store."""
+    model = tiny_model("llama")
+    batches = torch.randint(0, 256, (2, 16))
+    for attempt in ("computed", "from the store"):
+        seen = []
+
+        def on_block(index, targets, stats, groups, seen=seen):
+            seen.append((index, sorted({t.block for t in targets}), sorted(stats["gram"])))
+
+        collect_statistics(model, fingerprint(model), find_targets(model), batches, CONFIG, [Gram()],
+                           cache=StatisticsStore(tmp_path), on_block=on_block)
+        assert [s[0] for s in seen] == [0, 1], attempt
+        assert seen[1][1] == [1] and all(key.startswith("model.layers.1.") for key in seen[1][2]), attempt

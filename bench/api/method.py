@@ -49,27 +49,32 @@ class NoConfig:
     """Config of a method without settings."""
 
 
-@dataclass
 class Context:
     """What a method may read while compressing one model.
 
-    ``model`` is the original model: read it, never modify it. ``stats`` has
-    every statistic the method listed in ``requires``; ``calibration`` holds
-    the calibration token windows (``samples x seqlen``) for methods that
-    evaluate or train on them; ``cache_dir`` is where a method may keep its
-    own verified caches.
+    ``model`` is the original model: read it, never modify it. (The harness
+    may hand it over lazily - a function that loads it - when the model is not
+    kept in memory; it is loaded on first use.) ``weight(target)`` reads one
+    matrix without needing the whole model. ``stats`` has every statistic the
+    method listed in ``requires``; ``calibration`` holds the calibration token
+    windows (``samples x seqlen``) for methods that evaluate or train on them;
+    ``cache_dir`` is where a method may keep its own verified caches.
     """
 
-    model: nn.Module
-    tokenizer: Any
-    targets: list[Target]
-    stats: CalibrationStats | None
-    calibration: torch.Tensor | None
-    device: str
-    cache_dir: Path
-    model_identity: str
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], tokenizer: Any, targets: list[Target],
+                 stats: CalibrationStats | None, calibration: torch.Tensor | None, device: str, cache_dir: Path,
+                 model_identity: str, weights: Callable[[Target], torch.Tensor] | None = None):
+        self._model, self._weights = model, weights
+        self.tokenizer, self.targets, self.stats, self.calibration = tokenizer, targets, stats, calibration
+        self.device, self.cache_dir, self.model_identity = device, cache_dir, model_identity
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model if isinstance(self._model, nn.Module) else self._model()
 
     def weight(self, target: Target) -> torch.Tensor:
+        if self._weights is not None:
+            return self._weights(target)
         return self.model.get_submodule(target.name).weight.detach()
 
 

@@ -89,6 +89,10 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="print the loaded plugins, their hooks and versions as JSON")
 
+    cache = sub.add_parser("cache", help="list, size or clear the caches and stores (statistics, factorizations, models)")
+    cache.add_argument("action", choices=["list", "size", "clear"])
+    cache.add_argument("--kind", default="all", help="stats, factors, models, asvd_sensitivity, ... or all (default)")
+
     report = sub.add_parser("report", help="re-render report.md, the CSV files and plots from a run's results.json")
     report.add_argument("dir")
     report.add_argument("--with-published", action="store_true",
@@ -179,7 +183,41 @@ def _report(args, registry) -> int:
     return 0
 
 
-HOST_COMMANDS = {"run": _run, "compress": _compress, "plugins": _plugins, "report": _report}
+def _cache(args, registry) -> int:
+    import shutil
+
+    from bench.engine.stores import KINDS, list_entries, store_root
+    from bench.storage import cache_root
+
+    root = cache_root()
+    places = {kind: store_root(kind) for kind in KINDS}
+    places.update({p.name: p for p in sorted(root.iterdir()) if p.is_dir() and p.name not in places} if root.is_dir() else {})
+    if args.kind != "all" and args.kind not in places:
+        raise UsageError(f"unknown cache kind '{args.kind}'; use one of: {', '.join(places)} or all")
+    chosen = places if args.kind == "all" else {args.kind: places[args.kind]}
+
+    def size(path: Path) -> int:
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+    if args.action == "list":
+        for kind in (k for k in chosen if k in KINDS):
+            for row in list_entries(kind):
+                fields = row["fields"]
+                what = fields.get("statistic") or fields.get("decomposition") or "incomplete"
+                print(f"{kind:8} {row['key'][:12]}  {row['bytes'] / 2**20:10.1f} MiB  model {str(fields.get('model'))[:12]}"
+                      f"  {what}")
+    if args.action in ("list", "size"):
+        for kind, path in chosen.items():
+            print(f"{kind:18} {size(path) / 2**20:10.1f} MiB  {path}")
+    if args.action == "clear":
+        for kind, path in chosen.items():
+            freed = size(path)
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"cleared {kind}: {freed / 2**20:.1f} MiB ({path})")
+    return 0
+
+
+HOST_COMMANDS = {"run": _run, "compress": _compress, "plugins": _plugins, "report": _report, "cache": _cache}
 
 
 def _plugins_dirs(argv: list[str]) -> list[str]:

@@ -2,15 +2,17 @@
 
 A budget is given as bytes (``300MB``, ``3.1e8``, ``250MiB``) or as a fraction
 of the dense model's bytes (``0.75``: any plain number up to 1). For one
-method the bytes of its compressed model are measured for real - allocate,
-build the model from the method's existing factorizations (no new SVD), and
-count :func:`bench.model.targets.footprint` - and the ratio is bisected until the
-smallest ratio whose model fits is pinned to within ``tol``.
+method the bytes of its compressed model at a ratio follow from the ranks its
+``allocate`` gives (from the method's existing factorizations: no new SVD),
+and the ratio is bisected until the smallest ratio whose model fits is pinned
+to within ``tol``; the model found is built and its real bytes
+(:func:`bench.model.targets.footprint`) checked against the budget.
 
-Assumes the method's bytes do not grow with the ratio (true of the uniform
-rank formula and of every allocator that keeps a parameter budget). If the
-method's ``refine`` changes the storage (quantized factors), that is noticed
-after the first fit and the search is repeated with ``refine`` inside it.
+The search assumes the method's bytes do not grow with the ratio (true of the
+uniform rank formula and of every allocator that keeps a parameter budget). If
+the method's ``refine`` changes the storage (quantized factors), that is
+noticed after the first fit and the search is repeated with ``refine`` inside
+it, building each candidate.
 A budget at or above the dense model's bytes needs no compression: ratio 0.
 """
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 from bench.api.lowrank import Factorization
 from bench.api.method import Context, Method
-from bench.engine.compress import Compressed, allocation_of, build_compressed
+from bench.engine.compress import Assembler, Compressed, allocation_of, build_compressed, layer_plan, predicted_bytes
 from bench.errors import UsageError
 
 MAX_RATIO = 0.99  # the search bound: rank 1 or close to it for every matrix
@@ -103,24 +105,28 @@ class BudgetFit:
 
 
 def fit_budget(method: Method, factorizations: Mapping[str, Factorization], context: Context,
-               dense_footprint: dict[str, int], budget: int) -> BudgetFit:
-    """The method's compressed (and refined) model at the smallest ratio that fits ``budget`` bytes."""
+               dense_footprint: dict[str, int], budget: int, element_size: int = 4,
+               assemble: Assembler | None = None) -> BudgetFit:
+    """The method's compressed (and refined) model at the smallest ratio that fits ``budget`` bytes.
+
+    Without ``refine`` the bytes follow from the ranks alone (``element_size``
+    bytes per weight), so the search builds a model only when ``refine``
+    changes the storage.
+    """
     dense_bytes = dense_footprint["bytes"]
     builds = 0
-    sizes: dict[tuple, int] = {}  # without refine, bytes depend on the ranks alone
 
     def build(ratio: float, refine: bool) -> Compressed:
         nonlocal builds
         builds += 1
-        return build_compressed(method, ratio, factorizations, context, dense_footprint, refine=refine)
+        return build_compressed(method, ratio, factorizations, context, dense_footprint, refine=refine,
+                                assemble=assemble)
 
     def size_at(ratio: float, refine: bool) -> int:
         if refine:
             return build(ratio, True).summary["bytes"]
-        key = tuple(sorted(allocation_of(method, ratio, factorizations, context).ranks.items()))
-        if key not in sizes:
-            sizes[key] = build(ratio, False).summary["bytes"]
-        return sizes[key]
+        layers = layer_plan(context.targets, allocation_of(method, ratio, factorizations, context).ranks)
+        return predicted_bytes(layers, dense_footprint, element_size)
 
     refine_in_search = False
     ratio, _ = bisect_ratio(lambda r: size_at(r, False), budget, dense_bytes)

@@ -2,21 +2,48 @@
 
 :func:`build_compressed` is the one compression path: ``svdbench run`` (every
 ratio and budget of a sweep) and ``svdbench compress`` (one model to save)
-both go through it.
+both go through it. The model itself is put together by an *assembler*:
+:func:`compress_model` copies a model held in memory; :func:`assemble_from_checkpoint`
+builds it from the checkpoint on disk, so the dense model need not be in
+memory beside the compressed one.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from bench.api.lowrank import Factorization, is_worth_factorizing
 from bench.api.method import Allocation, Context, Method
+from bench.model.checkpoint import Checkpoint, build_from_checkpoint
 from bench.model.layers import LowRankLinear
+from bench.model.loading import place_model
 from bench.model.targets import Target, footprint, set_module
+
+Assembler = Callable[[dict[str, int]], tuple[nn.Module, dict[str, dict]]]
+
+
+def layer_plan(targets: list[Target], ranks: dict[str, int]) -> dict[str, dict]:
+    """Per-matrix accounting for ``ranks``: the rank kept (None: left dense), dense and stored parameters."""
+    layers: dict[str, dict] = {}
+    for target in targets:
+        m, n = target.out_features, target.in_features
+        rank = max(1, min(int(ranks[target.name]), min(m, n)))
+        if is_worth_factorizing(m, n, rank):
+            layers[target.name] = {"rank": rank, "dense_params": target.params,
+                                   "params": rank * (m + n) + (m if target.bias else 0)}
+        else:
+            layers[target.name] = {"rank": None, "dense_params": target.params, "params": target.params}
+    return layers
+
+
+def _low_rank(factorization: Factorization, rank: int, dtype: torch.dtype, device, bias) -> LowRankLinear:
+    w_u, w_v = factorization.factors(rank, dtype=dtype)
+    return LowRankLinear.from_factors(w_u.to(device), w_v.to(device), bias)
 
 
 def compress_model(model: nn.Module, targets: list[Target], factorizations: Mapping[str, Factorization],
@@ -27,22 +54,33 @@ def compress_model(model: nn.Module, targets: list[Target], factorizations: Mapp
     model and per-matrix accounting (rank, dense and stored parameters).
     """
     compressed = copy.deepcopy(model)
-    layers: dict[str, dict] = {}
-    for target in targets:
-        m, n = target.out_features, target.in_features
-        rank = max(1, min(int(ranks[target.name]), min(m, n)))
-        dense = target.params
-        if not is_worth_factorizing(m, n, rank):
-            layers[target.name] = {"rank": None, "dense_params": dense, "params": dense}
+    layers = layer_plan(targets, ranks)
+    for name, layer in layers.items():
+        if layer["rank"] is None:
             continue
-        original = compressed.get_submodule(target.name)
-        dtype = original.weight.dtype
-        w_u, w_v = factorizations[target.name].factors(rank, dtype=dtype)
+        original = compressed.get_submodule(name)
         bias = original.bias.detach() if original.bias is not None else None
-        layer = LowRankLinear.from_factors(w_u.to(original.weight.device), w_v.to(original.weight.device), bias)
-        set_module(compressed, target.name, layer)
-        layers[target.name] = {"rank": rank, "dense_params": dense, "params": rank * (m + n) + (m if bias is not None else 0)}
+        set_module(compressed, name, _low_rank(factorizations[name], layer["rank"], original.weight.dtype,
+                                               original.weight.device, bias))
     return compressed, layers
+
+
+def assemble_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype, device, targets: list[Target],
+                             factorizations: Mapping[str, Factorization],
+                             ranks: dict[str, int]) -> tuple[nn.Module, dict[str, dict]]:
+    """The compressed model built from the checkpoint's other weights and the factors; the dense model is not read."""
+    layers = layer_plan(targets, ranks)
+    factorized = {name: layer for name, layer in layers.items() if layer["rank"] is not None}
+    biases = checkpoint.read([f"{name}.bias" for name in factorized if f"{name}.bias" in checkpoint.file_of], dtype)
+    replacements = {name: _low_rank(factorizations[name], layer["rank"], dtype, "cpu", biases.get(f"{name}.bias"))
+                    for name, layer in factorized.items()}
+    return place_model(build_from_checkpoint(checkpoint, dtype, replacements), device), layers
+
+
+def predicted_bytes(layers: dict[str, dict], dense_footprint: dict[str, int], element_size: int) -> int:
+    """The whole model's bytes once ``layers`` are applied, without building it (plain factors, no refine)."""
+    change = sum(layer["params"] - layer["dense_params"] for layer in layers.values())
+    return dense_footprint["bytes"] + change * element_size
 
 
 def accounting(model: nn.Module, layers: dict[str, dict] | None, dense_footprint: dict[str, int]) -> dict:
@@ -93,10 +131,15 @@ class Compressed:
 
 
 def build_compressed(method: Method, ratio: float, factorizations: Mapping[str, Factorization], context: Context,
-                     dense_footprint: dict[str, int], refine: bool = True) -> Compressed:
-    """``method`` at ``ratio``: allocate, truncate, and (unless ``refine`` is False) refine."""
+                     dense_footprint: dict[str, int], refine: bool = True,
+                     assemble: Assembler | None = None) -> Compressed:
+    """``method`` at ``ratio``: allocate, truncate, and (unless ``refine`` is False) refine.
+
+    ``assemble(ranks)`` puts the model together (default: a copy of ``context.model``).
+    """
     allocation = allocation_of(method, ratio, factorizations, context)
-    model, layers = compress_model(context.model, context.targets, factorizations, allocation.ranks)
+    assemble = assemble or (lambda ranks: compress_model(context.model, context.targets, factorizations, ranks))
+    model, layers = assemble(allocation.ranks)
     facts: dict = {}
     if allocation.facts:
         facts["allocation"] = allocation.facts

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
+from bench.api.configs import config_dict
 from bench.api.lowrank import Factorization
 from bench.api.method import Context, Method
 from bench.api.record import DENSE, Record
@@ -33,7 +33,7 @@ from bench.api.task import Measurement, Metric, Task
 from bench.corpora import calibration_checksum
 from bench.engine.budget import budget_bytes, fit_budget, parse_budget
 from bench.engine.calibration import calibration_batches, collect_statistics
-from bench.engine.compress import Compressed, accounting, build_compressed
+from bench.engine.compress import Compressed, accounting, assemble_from_checkpoint, build_compressed
 from bench.engine.config import RunConfig
 from bench.engine.plan import (
     RATIO_DEFINITION,
@@ -49,11 +49,14 @@ from bench.engine.plan import (
 from bench.engine.plugins import Registry, load_registry
 from bench.engine.provenance import git_revision, package_versions
 from bench.engine.results import Results
+from bench.engine.stores import EntryWriter, factor_tensors, open_entry, store_root, stored_factorizations
 from bench.errors import UsageError
+from bench.memory import release_free_memory
+from bench.model.checkpoint import Checkpoint
 from bench.model.loaded import LoadedModel
-from bench.model.loading import load_model
+from bench.model.loading import load_model, reload_weights
 from bench.model.targets import find_targets, footprint
-from bench.storage import cache_root
+from bench.storage import cache_root, json_key
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +100,15 @@ class Collected:
 class Workspace:
     """What the groups of one run share in one process.
 
-    The model is loaded on first use (or given); statistics are collected
-    for every method of the plan at once, in one calibration pass, and kept;
-    the last decomposition is kept for the next group only when its key is
-    the same (never two at a time).
+    The dense model is loaded on first use (or given). :meth:`prepare` makes
+    every decomposition a set of methods needs in one calibration pass, block
+    by block, straight into the factor store (statistics for every method of
+    the plan come along, so the pass is not repeated); afterwards the
+    factorizations are read from the store - their spectra in memory, their
+    factors on use. When the model came from a checkpoint, :meth:`release_model`
+    drops the dense model before compressed models are built from the
+    checkpoint and the store, so the two are never both in memory; a method
+    that asks for the dense model later gets it read back.
     """
 
     def __init__(self, config: RunConfig, registry: Registry, loaded: LoadedModel | None = None):
@@ -108,88 +116,206 @@ class Workspace:
         self.registry = registry
         self.create = registry.method_factory(config.method_options)
         self.settings = eval_settings(config)
+        self.dtype = getattr(torch, config.dtype)
         self.timings: dict[str, float] = {}
         self._loaded = loaded
         self._windows: torch.Tensor | None = None
-        self._stats: dict[str, dict] = {}
+        self._stats: dict[str, Mapping] = {}
         self._groups: dict[str, str] = {}
-        self._last: tuple[str, dict[str, Factorization]] | None = None
+        self._failed: dict[str, Exception] = {}  # factor store key -> why its decomposition failed
 
     def timed(self, label: str, start: float) -> float:
         self.timings[label] = round(time.perf_counter() - start, 3)
         return self.timings[label]
 
+    # ------------------------------------------------------------------ the dense model
     @property
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
             start = time.perf_counter()
-            self._loaded = load_model(self.config.model, self.config.device, getattr(torch, self.config.dtype))
+            self._loaded = load_model(self.config.model, self.config.device, self.dtype)
             self.timed("load_model", start)
         return self._loaded
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The dense model, read back from its checkpoint if it was released."""
+        loaded = self.loaded
+        if loaded.model is None:
+            start = time.perf_counter()
+            loaded.model = reload_weights(loaded.checkpoint, self.config.device, self.dtype)
+            self.timed("reload_model", start)
+        return loaded.model
+
+    def release_model(self) -> None:
+        """Drop the dense model from memory when it can be read back from its checkpoint."""
+        if self._loaded is not None and self._loaded.checkpoint is not None and self._loaded.model is not None:
+            self._loaded.model = None
+            release_free_memory()
+
+    @property
     def targets(self):
         if not hasattr(self, "_targets"):
-            self._targets = find_targets(self.loaded.model)
+            self._targets = find_targets(self.model)
         return self._targets
 
     @property
     def dense_footprint(self) -> dict[str, int]:
         if not hasattr(self, "_footprint"):
-            self._footprint = footprint(self.loaded.model)
+            self._footprint = footprint(self.model)
         return self._footprint
+
+    def weight(self, target) -> torch.Tensor:
+        """One dense matrix, from the model in memory or else from the checkpoint."""
+        loaded = self.loaded
+        if loaded.model is not None or loaded.checkpoint is None:
+            return self.model.get_submodule(target.name).weight.detach()
+        return self.checkpoint().read([f"{target.name}.weight"], self.dtype)[f"{target.name}.weight"]
+
+    def checkpoint(self) -> Checkpoint:
+        if not hasattr(self, "_checkpoint"):
+            self._checkpoint = Checkpoint(self.loaded.checkpoint)
+        return self._checkpoint
 
     def windows(self) -> torch.Tensor:
         if self._windows is None:
             self._windows = calibration_batches(self.loaded.tokenizer, self.config.calibration)
         return self._windows
 
+    # ------------------------------------------------------------------ statistics and decompositions
+    def _collect(self, names: list[str], on_block=None, methods: list[Method] = ()) -> None:
+        """Statistics ``names`` from the store, computed where missing; ``on_block`` sees each block."""
+        computed: list[str] = []
+        start = time.perf_counter()
+        collected = collect_statistics(self.model, self.loaded.identity, self.targets, self.windows(),
+                                       self.config.calibration, [self.registry.get("statistic", n) for n in names],
+                                       device=self.config.device, on_block=on_block, computed=computed)
+        seconds = time.perf_counter() - start - sum(self.timings.get(f"decompose:{m.name}", 0.0) for m in methods)
+        if computed:
+            self.timings[f"statistics:{','.join(computed)}"] = round(seconds, 3)
+        self._groups.update(collected.input_group)
+        self._stats.update(collected.values)
+
     def statistics(self, needed: tuple[str, ...], collect_with: tuple[str, ...] = ()) -> CalibrationStats | None:
-        """The statistics ``needed``; when any is missing, every missing one of ``collect_with`` comes along."""
+        """The statistics ``needed``; when any is not at hand, every one of ``collect_with`` comes along."""
         missing = [name for name in needed if name not in self._stats]
         if missing:
-            missing += [name for name in collect_with if name not in self._stats and name not in missing]
-            start = time.perf_counter()
-            collected = collect_statistics(self.loaded.model, self.loaded.identity, self.targets, self.windows(),
-                                           self.config.calibration,
-                                           [self.registry.get("statistic", name) for name in missing],
-                                           device=self.config.device)
-            self.timed(f"statistics:{','.join(missing)}", start)
-            self._groups.update(collected.input_group)  # empty for gradient-only collections
-            for name in missing:
-                self._stats[name] = collected.values[name]
+            self._collect(list(dict.fromkeys([*missing, *(n for n in collect_with if n not in self._stats)])))
         if not needed:
             return None
         return CalibrationStats({name: self._stats[name] for name in needed}, self._groups)
 
+    def factor_fields(self, method: Method) -> dict:
+        """What a decomposition depends on: the store key of ``method``'s factorizations."""
+        calibrated = method.uses_calibration()
+        return {"model": self.loaded.identity, "decomposition": method.decomposition_key(method.config),
+                "statistics": {name: self.registry.get("statistic", name).version
+                               for name in method.required_statistics()},
+                "calibration": config_dict(self.config.calibration) if calibrated else None,
+                "data_sha256": calibration_checksum(self.config.calibration.dataset) if calibrated else None,
+                "targets": [t.name for t in self.targets], "dtype": self.config.dtype}
+
+    def prepare(self, methods: list[Method], collect_with: tuple[str, ...] = ()) -> None:
+        """Put every decomposition ``methods`` need into the factor store, in one pass over the blocks."""
+        root = store_root("factors")
+        pending: dict[str, tuple[Method, dict]] = {}
+        for method in methods:
+            fields = self.factor_fields(method)
+            key = json_key(fields)
+            if key not in pending and open_entry(root, fields, f"{method.name} factorizations") is None:
+                pending[key] = (method, fields)
+        if not pending:
+            return
+        chosen = [m for m, _ in pending.values()]
+        needed = list(dict.fromkeys([n for m in chosen for n in m.required_statistics()] + list(collect_with)))
+        writers = {key: EntryWriter(root, fields) for key, (_, fields) in pending.items()}
+        shapes: dict[str, dict] = {key: {} for key in pending}
+        facts: dict[str, dict] = {key: {} for key in pending}
+        for method in chosen:
+            self.timings[f"decompose:{method.name}"] = 0.0
+        model = self.model
+
+        def decompose_block(index, block_targets, block_stats, groups):
+            stats = CalibrationStats(block_stats, groups)
+            for key, (method, _) in list(pending.items()):
+                start = time.perf_counter()
+                context = Context(model=model, tokenizer=self.loaded.tokenizer, targets=self.targets, stats=stats,
+                                  calibration=self.windows() if method.uses_calibration() else None,
+                                  device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
+                try:
+                    for target in block_targets:
+                        factorization = method.decompose(target, context.weight(target), context, method.config)
+                        writers[key].write_part(factor_tensors(target.name, factorization))
+                        shapes[key][target.name] = list(factorization.shape)
+                        if factorization.facts:
+                            facts[key][target.name] = factorization.facts
+                        del factorization
+                except UsageError:
+                    raise
+                except Exception as error:  # this method fails when it asks for its factorizations; the others go on
+                    log.warning("%s: decomposition failed in block %d (%s: %s)", method.name, index,
+                                type(error).__name__, error)
+                    self._failed[key] = error
+                    writers.pop(key).abandon()
+                    del pending[key]
+                    continue
+                self.timings[f"decompose:{method.name}"] += round(time.perf_counter() - start, 3)
+            release_free_memory()
+
+        log.info("decomposing for %s, block by block", ", ".join(m.name for m in chosen))
+        try:
+            self._collect(needed, decompose_block, chosen)
+            for key, (method, _) in pending.items():
+                writers[key].finish({"method": method.name, "shapes": shapes[key], "facts": facts[key]})
+        except BaseException:
+            for writer in writers.values():
+                writer.abandon()
+            raise
+
+    def factorizations(self, method: Method, collect_with: tuple[str, ...] = ()) -> dict[str, Factorization]:
+        """Every target's factorization, from the factor store (made first when missing)."""
+        fields = self.factor_fields(method)
+        key, root = json_key(fields), store_root("factors")
+        entry = open_entry(root, fields, f"{method.name} factorizations")
+        if entry is None:
+            if key not in self._failed:
+                self.prepare([method], collect_with)
+                entry = open_entry(root, fields, f"{method.name} factorizations")
+            if key in self._failed:
+                raise self._failed[key]
+            if entry is None:
+                raise RuntimeError(f"the {method.name} factorizations were written but cannot be read back from {root}")
+        start = time.perf_counter()
+        found = stored_factorizations(entry)
+        self.timed(f"factors:{method.name}", start)
+        return found
+
+    # ------------------------------------------------------------------ compressing
     def context(self, method: Method, collect_with: tuple[str, ...] = ()) -> Context:
-        """What ``method`` may read: the original model, its statistics and calibration windows."""
-        return Context(model=self.loaded.model, tokenizer=self.loaded.tokenizer, targets=self.targets,
+        """What ``method`` may read: the original model (read back on use), its statistics and calibration windows."""
+        return Context(model=lambda: self.model, tokenizer=self.loaded.tokenizer, targets=self.targets,
                        stats=self.statistics(method.required_statistics(), collect_with),
                        calibration=self.windows() if method.uses_calibration() else None,
-                       device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
+                       device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity,
+                       weights=self.weight)
 
-    def decompose(self, method: Method, context: Context) -> dict[str, Factorization]:
-        """Every target's ratio-independent factorization (the previous one, when its key is the same)."""
-        key = method.decomposition_key(method.config)
-        if self._last and self._last[0] == key:
-            log.info("%s: reusing the decomposition just computed", method.name)
-            return self._last[1]
-        self._last = None  # free the previous one before computing the next
-        start = time.perf_counter()
-        factorizations = {t.name: method.decompose(t, context.weight(t), context, method.config)
-                          for t in tqdm(self.targets, desc=f"{method.name}: decompose", leave=False, unit="matrix")}
-        self.timed(f"decompose:{method.name}", start)
-        self._last = (key, factorizations)
-        return factorizations
+    def assembler(self, factorizations: Mapping[str, Factorization]):
+        """How compressed models are put together: from the checkpoint when there is one, else from a copy."""
+        if self.loaded.checkpoint is None:
+            return None
+        return lambda ranks: assemble_from_checkpoint(self.checkpoint(), self.dtype, self.config.device, self.targets,
+                                                      factorizations, ranks)
 
     def compress(self, name: str, ratio: float) -> tuple[Method, Compressed]:
         """One method at one ratio, refined, not evaluated (``svdbench compress``)."""
         method = self.create(name)
+        factorizations = self.factorizations(method)
+        self.dense_footprint  # noqa: B018 (measured before the dense model is released)
+        self.release_model()
         context = self.context(method)
-        factorizations = self.decompose(method, context)
         start = time.perf_counter()
-        compressed = build_compressed(method, ratio, factorizations, context, self.dense_footprint)
+        compressed = build_compressed(method, ratio, factorizations, context, self.dense_footprint,
+                                      assemble=self.assembler(factorizations))
         self.timed(f"compress:{name}:{ratio}", start)
         return method, compressed
 
@@ -220,6 +346,7 @@ def _evaluate(workspace: Workspace, sink: Sink, model, cells: list[Cell], summar
         seconds = workspace.timed(label, start)
         sink.add_timing(label, seconds)
         sink.add(_records(workspace, task, cell, measurements, summary, seconds, method, compression, ratio, budget))
+        release_free_memory()
         log.info("%s %.2f %s: %s", cell.method, ratio, cell.task,
                  ", ".join(f"{m.metric}={m.value:.4g}" for m in measurements))
 
@@ -241,16 +368,19 @@ def _run_point(workspace: Workspace, sink: Sink, method: Method, factorizations:
     try:
         start = time.perf_counter()
         budget = None
+        assemble = workspace.assembler(factorizations)
         if budget_spec:
             fit = fit_budget(method, factorizations, context, workspace.dense_footprint,
-                             budget_bytes(budget_spec, workspace.dense_footprint["bytes"]))
+                             budget_bytes(budget_spec, workspace.dense_footprint["bytes"]),
+                             element_size=torch.empty(0, dtype=workspace.dtype).element_size(), assemble=assemble)
             compressed = fit.compressed
             kind, number = parse_budget(budget_spec)  # the record's budget: a fraction of dense bytes, or bytes
             budget = {"budget": number if kind == "fraction" else int(number), "spec": budget_spec, **fit.summary()}
             log.info("%s fits budget %s (%d bytes) at ratio %.4f: %d bytes", method.name, budget_spec,
                      fit.budget_bytes, compressed.ratio, fit.bytes)
         else:
-            compressed = build_compressed(method, ratio, factorizations, context, workspace.dense_footprint)
+            compressed = build_compressed(method, ratio, factorizations, context, workspace.dense_footprint,
+                                          assemble=assemble)
         label = f"compress:{method.name}:" + (f"budget={budget_spec}" if budget_spec else f"{ratio}")
         sink.add_timing(label, workspace.timed(label, start))
         compression_id = record_key(model=workspace.loaded.identity, method=method.name,
@@ -268,18 +398,31 @@ def _run_point(workspace: Workspace, sink: Sink, method: Method, factorizations:
         _fail(sink, method.name, None if budget_spec else ratio, stage, error)
 
 
+def _prepare(workspace: Workspace, methods: list[Method], statistics: tuple[str, ...], sink: Sink) -> None:
+    """Make the methods' decompositions (one pass); a method whose decomposition fails is recorded, not raised."""
+    try:
+        workspace.prepare(methods, statistics)
+    except UsageError:
+        raise
+    except Exception as error:  # each method then fails on its own when it reads its factorizations
+        log.error("the joint decomposition pass failed (%s: %s); decomposing method by method",
+                  type(error).__name__, error)
+    for label, seconds in workspace.timings.items():
+        sink.add_timing(label, seconds)
+
+
 def run_group(workspace: Workspace, plan: Plan, group: CellGroup, sink: Sink) -> None:
     """Execute every cell of ``group``: statistics, one decomposition, every ratio, budget and task."""
     if group.methods == (DENSE,):
-        loaded = workspace.loaded
-        _evaluate(workspace, sink, loaded.model, list(group.cells), accounting(loaded.model, None,
-                                                                                workspace.dense_footprint))
+        model = workspace.model
+        _evaluate(workspace, sink, model, list(group.cells), accounting(model, None, workspace.dense_footprint))
         return
     for name in group.methods:
         method = workspace.create(name)
         try:
+            factorizations = workspace.factorizations(method, collect_with=plan.statistics)
+            workspace.release_model()
             context = workspace.context(method, collect_with=plan.statistics)
-            factorizations = workspace.decompose(method, context)
         except UsageError:
             raise
         except Exception as error:
@@ -304,7 +447,11 @@ def execute_group(plan_data: dict, index: int, loaded: LoadedModel | None = None
                          f"(identity {workspace.loaded.identity[:12]} vs {plan.model_identity[:12]}); "
                          "give every worker the same model files")
     collected = Collected()
-    run_group(workspace, plan, plan.groups[index], collected)
+    group = plan.groups[index]
+    if group.methods != (DENSE,):
+        workspace.dense_footprint  # noqa: B018 (measured while the dense model is in memory)
+        _prepare(workspace, [workspace.create(name) for name in group.methods], plan.statistics, collected)
+    run_group(workspace, plan, group, collected)
     return {"records": collected.records, "compressions": collected.compressions, "failures": collected.failures,
             "timings": {**workspace.timings, **collected.timings}}
 
@@ -371,6 +518,11 @@ def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel
                  len(pending.cells()))
     sink = _ResultsSink(results, workspace)
     for group in pending.groups:
+        if group.methods != (DENSE,) and not getattr(workspace, "_prepared", False):
+            # every pending decomposition in one pass over the blocks, while the dense model is in memory
+            methods = [workspace.create(name) for g in pending.groups for name in g.methods if name != DENSE]
+            _prepare(workspace, methods, plan.statistics, sink)
+            workspace._prepared = True
         run_group(workspace, pending, group, sink)
     workspace.timed("total", start)
     results.manifest["timings"] = workspace.timings

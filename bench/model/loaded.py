@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,7 +26,12 @@ def fingerprint(model: nn.Module) -> str:
 
 @dataclass
 class LoadedModel:
-    """A model ready to benchmark, with what identifies it."""
+    """A model ready to benchmark, with what identifies it.
+
+    ``checkpoint`` is the safetensors directory the weights were read from
+    (None for a model built in code or a saved compressed model): with one,
+    the engine may drop the model from memory and read weights back from it.
+    """
 
     model: nn.Module
     tokenizer: object
@@ -33,6 +39,7 @@ class LoadedModel:
     source: str
     identity: str = ""
     info: dict = field(default_factory=dict)
+    checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.identity:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.errors import UsageError
+from bench.model.checkpoint import is_checkpoint
 from bench.model.loaded import LoadedModel
 from bench.model.saving import MANIFEST, load_compressed
 from bench.storage import cache_root, sha256_file
@@ -91,7 +92,37 @@ def load_gguf(gguf: Path, name: str, dtype: torch.dtype = torch.float32) -> Load
         _convert_gguf(gguf, out_dir)
     tokenizer, model = _load_tokenizer_and_model(str(out_dir), None, dtype)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, source=f"gguf:{gguf}",
-                       info={"gguf_sha256": gguf_sha})
+                       info={"gguf_sha256": gguf_sha}, checkpoint=out_dir)
+
+
+def place_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` on ``device``; on a GPU with too little free memory for it, its weights stay on the CPU
+    and each module is onloaded for its own forward pass (accelerate's ``cpu_offload``), so models larger
+    than the GPU still evaluate."""
+    if not str(device).startswith("cuda"):
+        return model.to(device)
+    from bench.model.targets import footprint
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if footprint(model)["bytes"] < 0.8 * free:
+        return model.to(device)
+    return offload(model, device)
+
+
+def offload(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """Keep ``model``'s weights on the CPU and run each module on ``device`` (accelerate's cpu_offload)."""
+    from accelerate import cpu_offload
+
+    log.info("%s does not fit on %s: its weights stay on the CPU and are onloaded module by module",
+             type(model).__name__, device)
+    return cpu_offload(model, execution_device=torch.device(device))
+
+
+def reload_weights(checkpoint: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model of an already-loaded spec, read again from its checkpoint (after the engine dropped it)."""
+    from transformers import AutoModelForCausalLM
+
+    return place_model(AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).eval(), device)
 
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -110,9 +141,10 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
             loaded = load_compressed(path, dtype)
         elif path.is_dir() and (path / "config.json").exists():
             tokenizer, model = _load_tokenizer_and_model(str(path), None, dtype)
-            loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, name=path.name, source=f"dir:{path.resolve()}")
+            loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, name=path.name, source=f"dir:{path.resolve()}",
+                                 checkpoint=path if is_checkpoint(path) else None)
         else:
             raise UsageError(f"unknown model '{spec}'; use '{DEFAULT_MODEL}', a Hugging Face model directory "
                              "(with config.json) or a .gguf file")
-    loaded.model.to(device)
+    loaded.model = place_model(loaded.model, device)
     return loaded

@@ -100,3 +100,14 @@ def footprint(model: nn.Module) -> dict[str, int]:
 
     visit(model)
     return {"params": params, "bytes": nbytes}
+
+
+def execution_device(model: nn.Module):
+    """Where ``model`` computes: the execution device of its offload hooks, else the device of its first parameter."""
+    import torch
+
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return next(model.parameters()).device
