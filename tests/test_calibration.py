@@ -155,3 +155,15 @@ def test_each_block_is_delivered_once_with_its_statistics(tmp_path):
                            cache=StatisticsStore(tmp_path), on_block=on_block)
         assert [s[0] for s in seen] == [0, 1], attempt
         assert seen[1][1] == [1] and all(key.startswith("model.layers.1.") for key in seen[1][2]), attempt
+
+
+@pytest.mark.real_model
+def test_smollm2_block_by_block_statistics_equal_the_whole_model_pass(smollm2, tmp_path):
+    model = smollm2.model
+    batches = calibration_batches(smollm2.tokenizer, CalibrationConfig(samples=2, seqlen=64))
+    expected, groups = whole_model_statistics(model, batches, [Gram(), AbsMean()])
+    got = collect_statistics(model, smollm2.identity, find_targets(model), batches,
+                             CalibrationConfig(samples=2, seqlen=64), [Gram(), AbsMean()], cache=StatisticsStore(tmp_path))
+    assert got.input_group == groups
+    for name, table in expected.items():
+        assert all(torch.equal(got.values[name][key], value) for key, value in table.items()), name
