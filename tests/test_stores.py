@@ -118,6 +118,7 @@ def test_a_second_run_with_one_more_ratio_decomposes_nothing(checkpoint_dir, tmp
     timings = second.manifest["timings"]
     assert "decompose:svdllm_w" not in timings and "factors:svdllm_w" in timings
     assert not any(label.startswith("statistics:") for label in timings)
+    assert "reload_model" not in timings  # statistics read from the store need no dense model
     assert {r["ratio"] for r in second.records} == {0.0, 0.3, 0.5}
 
 

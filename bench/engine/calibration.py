@@ -287,6 +287,20 @@ class StatisticsStore:
                 "data_sha256": calibration_checksum(config.dataset), "targets": [t.name for t in targets]}
 
 
+def stored_statistics(model_identity: str, targets: list[Target], config: CalibrationConfig,
+                      statistics: list[Statistic], cache: StatisticsStore | None = None) -> CalibrationStats | None:
+    """The statistics from the store alone (no model needed), or None when any of them is missing."""
+    store = cache or StatisticsStore()
+    entries = {}
+    for statistic in statistics:
+        entry = open_entry(store.root, store.fields(statistic, model_identity, config, targets), statistic.name)
+        if entry is None:
+            return None
+        entries[statistic.name] = entry
+    return CalibrationStats(values={name: LazyTensors(entry) for name, entry in entries.items()},
+                            input_group=_stored_groups(entries))
+
+
 def collect_statistics(model: nn.Module, model_identity: str, targets: list[Target], batches: torch.Tensor,
                        config: CalibrationConfig, statistics: list[Statistic], device="cpu",
                        cache: StatisticsStore | None = None, on_block: BlockCallback | None = None,

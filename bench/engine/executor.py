@@ -32,7 +32,7 @@ from bench.api.statistic import CalibrationStats
 from bench.api.task import Measurement, Metric, Task
 from bench.corpora import calibration_checksum
 from bench.engine.budget import budget_bytes, fit_budget, parse_budget
-from bench.engine.calibration import calibration_batches, collect_statistics
+from bench.engine.calibration import calibration_batches, collect_statistics, stored_statistics
 from bench.engine.compress import Compressed, accounting, assemble_from_checkpoint, build_compressed
 from bench.engine.config import RunConfig
 from bench.engine.plan import (
@@ -199,7 +199,12 @@ class Workspace:
     def statistics(self, needed: tuple[str, ...], collect_with: tuple[str, ...] = ()) -> CalibrationStats | None:
         """The statistics ``needed``; when any is not at hand, every one of ``collect_with`` comes along."""
         missing = [name for name in needed if name not in self._stats]
-        if missing:
+        stored = stored_statistics(self.loaded.identity, self.targets, self.config.calibration,
+                                   [self.registry.get("statistic", name) for name in missing]) if missing else None
+        if stored is not None:  # all on disk already: the dense model is not needed
+            self._groups.update(stored.input_group)
+            self._stats.update(stored.values)
+        elif missing:
             self._collect(list(dict.fromkeys([*missing, *(n for n in collect_with if n not in self._stats)])))
         if not needed:
             return None
