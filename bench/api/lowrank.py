@@ -160,8 +160,12 @@ def cholesky_whitening(gram: torch.Tensor) -> tuple[LowerTriangular, float]:
     factor, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return LowerTriangular(factor), 0.0
+    del factor  # n x n of no use: free it before the eigenvalues' workspace
     shift = float(-torch.linalg.eigvalsh(g).min()) + 1e-6
-    factor, info = torch.linalg.cholesky_ex(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+    shifted = g.clone()
+    shifted.diagonal().add_(shift)  # G + shift I without an n x n identity (same values, bit for bit)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    del shifted
     if int(info) != 0:
         raise FloatingPointError(f"Cholesky failed even after shifting the gram by {shift:.3g}")
     return LowerTriangular(factor), shift
