@@ -138,14 +138,20 @@ class Factorization:
 
 
 def factorize(weight: torch.Tensor, transform: RightTransform | None = None) -> Factorization:
-    """Exact float64 SVD of ``W S``, returned as a :class:`Factorization`."""
-    w = weight.detach().to(torch.float64)
+    """Exact float64 SVD of ``W S``, returned as a :class:`Factorization`.
+
+    Only ``W S`` is held during the SVD (not also the float64 copy of ``W``):
+    the SVD's own workspace is the largest transient of a decomposition.
+    """
     transform = transform or Identity()
-    u, s, vt = torch.linalg.svd(transform.apply(w), full_matrices=False)
+    weighted = transform.apply(weight.detach().to(torch.float64))
+    u, s, vt = torch.linalg.svd(weighted, full_matrices=False)
+    del weighted
     vt = transform.solve(vt)
     for name, t in (("U", u), ("singular values", s), ("V^T S^-1", vt)):
         if not torch.isfinite(t).all():
-            raise FloatingPointError(f"non-finite {name} in the SVD of a {tuple(w.shape)} matrix ({type(transform).__name__} transform)")
+            raise FloatingPointError(f"non-finite {name} in the SVD of a {tuple(weight.shape)} matrix "
+                                     f"({type(transform).__name__} transform)")
     return Factorization(u=u, s=s, vt=vt)
 
 
