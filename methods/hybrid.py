@@ -43,6 +43,7 @@ norms.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,14 @@ from bench import (
 )
 
 QUANTIZERS = ("hqq", "gptq")
+GPTQ_INSTALL = "pip install 'svdbench[gptq]'"
+
+
+def _need_gptqmodel(owner: str) -> None:
+    """Fail before anything runs when GPTQ is asked for and GPTQModel is not installed (the import itself is slow)."""
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise UsageError(f"{owner} needs the gptqmodel package, which is not installed; install it with "
+                         f"{GPTQ_INSTALL} (or leave {owner} out of --methods)")
 
 
 def _check_quant(owner: str, bits: int, group_size: int, meta_dtype: str, quantizer: str = "hqq",
@@ -208,6 +217,8 @@ class SVDQuantHybrid(Method):
     def configured(self, config: HybridConfig, create) -> SVDQuantHybrid:
         if config.base == self.name:
             raise UsageError(f"{self.name}.base cannot be {self.name} itself; give an SVD method, e.g. svdllm_w")
+        if config.quantizer == "gptq":
+            _need_gptqmodel(f"{self.name}.quantizer=gptq")
         method = super().configured(config, create)
         method.base = create(config.base)
         if not method.base.uses_ratio:
@@ -294,8 +305,9 @@ class DenseGPTQ(DenseQuantization):
                                       "tokens), shared with the SVD methods",),
     )
 
-    def required_statistics(self) -> tuple[str, ...]:
-        return ("gram",)
+    def configured(self, config: GPTQConfig, create) -> DenseGPTQ:
+        _need_gptqmodel(self.name)
+        return super().configured(config, create)
 
 
 @hookimpl

@@ -119,7 +119,7 @@ def test_quantizing_leaves_the_environment_as_it_was():
     assert dict(os.environ) == before  # gptqmodel's import sets HF_HOME and others
 
 
-def test_missing_gptqmodel_is_one_line_with_the_install_command(monkeypatch):
+def test_missing_gptqmodel_is_one_line_with_the_install_command(monkeypatch, registry):
     # simulate an environment without the extra: the import of gptqmodel fails
     for name in [n for n in sys.modules if n == "gptqmodel" or n.startswith("gptqmodel.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -127,6 +127,11 @@ def test_missing_gptqmodel_is_one_line_with_the_install_command(monkeypatch):
     with pytest.raises(UsageError, match=r"pip install 'svdbench\[gptq\]'") as error:
         _gptqmodel()
     assert "\n" not in str(error.value)
+    # and a run asking for GPTQ stops before anything is computed, naming the same command
+    for name, options in (("gptq", {}), ("svdllm_quant", {"svdllm_quant": {"quantizer": "gptq"}})):
+        with pytest.raises(UsageError, match=r"needs the gptqmodel package.*pip install 'svdbench\[gptq\]'"):
+            registry.method_factory(options)(name)
+    registry.method_factory({})("svdllm_quant")  # HQQ, the default quantizer, needs no GPTQModel
 
 
 def test_factor_grams_are_the_inputs_each_factor_reads():
