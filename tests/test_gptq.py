@@ -57,16 +57,20 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group: int) -> torch.Tenso
     return ((torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1) - zero) * scale).reshape(m, n)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_unpacking_matches_gptqmodels_own_dequantization(bits):
-    """svdbench reads GPTQModel's packed words itself (a saved model needs no GPTQModel): same weights."""
+@pytest.mark.parametrize("bits, desc_act", [(2, False), (3, False), (4, False), (8, False), (3, True), (4, True)])
+def test_unpacking_matches_gptqmodels_own_dequantization(bits, desc_act):
+    """svdbench reads GPTQModel's packed words itself (a saved model needs no GPTQModel): same weights.
+
+    With ``desc_act`` (act-order) the group index is a permutation, not ``i // group``.
+    """
     from gptqmodel.nn_modules.qlinear import PackableQuantLinear
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
     layer = linear(40, 72)  # neither size a multiple of 32: both are padded
     x = inputs(72)
-    q = GPTQLinear.quantize(layer, x.double().T @ x.double(), bits, group_size=32)
-    reference = TorchLinear(bits=bits, group_size=32, sym=False, desc_act=False, in_features=q.g_idx.numel(),
+    q = GPTQLinear.quantize(layer, x.double().T @ x.double(), bits, group_size=32, desc_act=desc_act)
+    assert q.desc_act == desc_act and bool((q.g_idx[:72].diff() < 0).any()) == desc_act  # act-order permutes groups
+    reference = TorchLinear(bits=bits, group_size=32, sym=False, desc_act=desc_act, in_features=q.g_idx.numel(),
                             out_features=q.scales.shape[1], bias=False, pack_dtype=torch.int32)
     reference.qweight, reference.qzeros, reference.scales, reference.g_idx = q.qweight, q.qzeros, q.scales, q.g_idx
     theirs = PackableQuantLinear.dequantize_weight(reference.eval()).T.float()  # float16 arithmetic
