@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from bench import (
     BITS,
@@ -159,7 +160,7 @@ def gptq_targets(model: nn.Module, target_names: list[str], grams, bits: int, gr
     """
     layers: dict[str, dict] = {}
     options = (bits, group_size, sym, desc_act, damp)
-    for name in target_names:
+    for name in tqdm(target_names, desc="GPTQ", leave=False, unit="matrix"):
         gram = grams(name).to(torch.float64)
         if isinstance(model.get_submodule(name), LowRankLinear):
             layers.update(gptq_quantize_linears(model, {f"{name}.down": gram}, *options))

@@ -339,11 +339,15 @@ def allocation_rules(data: dict) -> tuple[dict[tuple[str, float], dict], dict[st
 
     A method takes part by putting ``rule`` (the one it used) and ``rules``
     (``{rule: {"summed_normalized_loss": x, "params": n}}``, every rule it
-    knows at that ratio) in its allocation facts. Budget searches are left out.
+    knows at that ratio) in its allocation facts. Budget searches, and
+    compressions no current record refers to, are left out.
     """
     summaries: dict[tuple[str, float], dict] = {}
     used: dict[str, str] = {}
+    reported = {r.get("compression") for r in data.get("records", [])}  # not those of earlier runs' records
     for compression, info in (data.get("compressions") or {}).items():
+        if compression not in reported:
+            continue
         allocation = (info.get("facts") or {}).get("allocation") or {}
         if not isinstance(allocation.get("rules"), dict) or "rule" not in allocation or info.get("budget"):
             continue

@@ -89,3 +89,10 @@ def test_allocation_table_puts_the_rules_side_by_side_and_merges_runs(tiny, tmp_
     assert merged["uniform"][4:] == [uniform_ppl[("svdllm_v2", 0.2)], uniform_ppl[("svdllm_v2", 0.4)]]
     assert merged["paper"][2:] == rows["paper"][2:]
     assert script.main([str(tmp_path / "paper"), str(tmp_path / "uniform")]) == 0
+
+    # a later run in the same directory without svdllm_v2: its old compressions are not reported
+    run(RunConfig(model="tiny", methods=("svdllm_w",), ratios=(0.2,), tasks=("wikitext2",), seqlen=64, limit=1,
+                  calibration=CalibrationConfig(samples=8, seqlen=64), out=str(tmp_path / "paper")), loaded=tiny)
+    later = load_results(tmp_path / "paper")
+    assert any(c["method"] == "svdllm_v2" for c in later["compressions"].values())
+    assert "allocation" not in {t.name for t in build_tables(later)}
