@@ -161,10 +161,10 @@ def gptq_targets(model: nn.Module, target_names: list[str], grams, bits: int, gr
     layers: dict[str, dict] = {}
     options = (bits, group_size, sym, desc_act, damp)
     for name in tqdm(target_names, desc="GPTQ", leave=False, unit="matrix"):
-        gram = grams(name).to(torch.float64)
+        gram = grams(name).to("cpu", torch.float64)  # GPTQ runs on the CPU (bench.GPTQLinear)
         if isinstance(model.get_submodule(name), LowRankLinear):
             layers.update(gptq_quantize_linears(model, {f"{name}.down": gram}, *options))
-            w_v = model.get_submodule(f"{name}.down").dequantize().to(torch.float64)
+            w_v = model.get_submodule(f"{name}.down").dequantize().to("cpu", torch.float64)
             layers.update(gptq_quantize_linears(model, {f"{name}.up": w_v @ gram @ w_v.T}, *options))
         else:
             layers.update(gptq_quantize_linears(model, {name: gram}, *options))

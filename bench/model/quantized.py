@@ -221,14 +221,15 @@ class GPTQLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @classmethod
-    def quantize(cls, linear: nn.Linear, gram: torch.Tensor, bits: int, group_size: int = 64, sym: bool = True,
-                 desc_act: bool = False, damp: float = 0.05) -> GPTQLinear:
+    def quantize(cls, linear: nn.Linear, gram: torch.Tensor, bits: int, group_size: int = 64, sym: bool = False,
+                 desc_act: bool = False, damp: float = 0.01) -> GPTQLinear:
         """GPTQ of ``linear``'s weight against ``gram`` (``X X^T`` of its inputs, any positive scale).
 
-        GPTQModel's defaults otherwise: asymmetric when ``sym`` is False,
-        activation-group-aware column order unless ``desc_act`` (GPTQ's
-        act-order) is asked for, ``damp`` times the mean diagonal added to the
-        Hessian (raised by GPTQModel until it factorizes).
+        Asymmetric unless ``sym``; GPTQModel's activation-group-aware column
+        order unless ``desc_act`` (GPTQ's act-order) is asked for; ``damp``
+        times the mean diagonal added to the Hessian (raised by GPTQModel
+        until it factorizes). GPTQ runs on a CPU copy of the weight; the layer
+        is returned on the weight's device.
         """
         if bits not in BITS:
             raise UsageError(f"cannot quantize to {bits} bits; use one of {', '.join(map(str, BITS))}")
@@ -245,8 +246,8 @@ class GPTQLinear(nn.Module):
         hessian = torch.zeros(columns, columns, dtype=torch.float32)
         with torch.no_grad():
             padded.weight.zero_()
-            padded.weight[:out_features, :in_features] = weight.float()
-            g = gram.detach().to(torch.float64)
+            padded.weight[:out_features, :in_features] = weight.float().cpu()  # GPTQ runs on the CPU here
+            g = gram.detach().to("cpu", torch.float64)
             scale = float(g.diagonal().mean())
             # GPTQ's H is 2 X X^T / tokens; its result does not depend on H's scale, so H is set to mean diagonal 1
             hessian[:in_features, :in_features] = (g / scale if scale > 0 else g).float()
@@ -266,10 +267,11 @@ class GPTQLinear(nn.Module):
                              out_features=rows, bias=False, pack_dtype=torch.int32)
         with _environment_kept(GPTQMODEL_DISABLE_PACK_EXT="1"):  # its C++ packer would be compiled on first use
             packer.pack_block(padded, scales, zeros, g_idx)
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls(in_features, out_features, bits, group_size, packer.qweight.contiguous(),
-                   packer.qzeros.contiguous(), packer.scales.contiguous(), packer.g_idx.to(torch.int32).contiguous(),
-                   bias, sym=sym, desc_act=desc_act, compute_dtype=weight.dtype)
+        bias = linear.bias.detach().clone().cpu() if linear.bias is not None else None
+        layer = cls(in_features, out_features, bits, group_size, packer.qweight.contiguous(),
+                    packer.qzeros.contiguous(), packer.scales.contiguous(), packer.g_idx.to(torch.int32).contiguous(),
+                    bias, sym=sym, desc_act=desc_act, compute_dtype=weight.dtype)
+        return layer.to(weight.device)  # where the model it joins lives
 
     def dequantize(self) -> torch.Tensor:
         """The weight the layer computes with (``out x in``)."""
@@ -304,7 +306,7 @@ class GPTQLinear(nn.Module):
 
 
 def gptq_quantize_linears(model: nn.Module, grams: dict[str, torch.Tensor], bits: int, group_size: int = 64,
-                          sym: bool = True, desc_act: bool = False, damp: float = 0.05) -> dict[str, dict]:
+                          sym: bool = False, desc_act: bool = False, damp: float = 0.01) -> dict[str, dict]:
     """Replace each ``nn.Linear`` named in ``grams`` by a :class:`GPTQLinear`, in place, in the given order.
 
     ``grams[name]`` is ``X X^T`` of that linear's inputs. Returns per-layer
