@@ -27,8 +27,8 @@ _API = {
     **dict.fromkeys(('UsageError', 'unknown_name'), "bench.errors"),
     **dict.fromkeys(('LowRankLinear',), "bench.model.layers"),
     **dict.fromkeys(('first_nonfinite_module',), "bench.model.numerics"),
-    **dict.fromkeys(('BITS', 'GPTQ_GROUP_SIZES', 'GPTQLinear', 'META_DTYPES', 'QuantizedLinear', 'gptq_quantize_linears',
-                     'quantize_linears'), "bench.model.quantized"),
+    **dict.fromkeys(('BITS', 'GPTQ_GROUP_SIZES', 'GPTQ_INSTALL', 'GPTQLinear', 'META_DTYPES', 'QuantizedLinear',
+                     'gptq_quantize_linears', 'quantize_linears'), "bench.model.quantized"),
     **dict.fromkeys(('Target', 'decoder_blocks', 'footprint', 'set_module'), "bench.model.targets"),
     **dict.fromkeys(('JsonCache', 'atomic_write_text', 'cache_root', 'json_key', 'sha256_file'), "bench.storage"),
 }

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from bench import (
     BITS,
     GPTQ_GROUP_SIZES,
+    GPTQ_INSTALL,
     META_DTYPES,
     Factorization,
     LowRankLinear,
@@ -66,7 +67,6 @@ from bench import (
 )
 
 QUANTIZERS = ("hqq", "gptq")
-GPTQ_INSTALL = "pip install 'svdbench[gptq]'"
 
 
 def _need_gptqmodel(owner: str) -> None:

@@ -6,9 +6,10 @@ only the test of the install message runs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
-import os
+import subprocess
 import sys
 
 import pytest
@@ -28,7 +29,8 @@ from bench.model.saving import MANIFEST, load_compressed, save_compressed
 from bench.model.targets import find_targets, footprint
 from methods.hybrid import GPTQConfig, HybridConfig, gptq_targets
 
-gptqmodel = pytest.importorskip("gptqmodel", reason="the gptq extra is not installed: pip install 'svdbench[gptq]'")
+if importlib.util.find_spec("gptqmodel") is None:  # not imported here: its import rewrites environment variables
+    pytest.skip("the gptq extra is not installed: pip install 'svdbench[gptq]'", allow_module_level=True)
 
 
 def inputs(n: int, tokens: int = 400, seed: int = 0) -> torch.Tensor:
@@ -63,12 +65,12 @@ def test_unpacking_matches_gptqmodels_own_dequantization(bits, desc_act):
 
     With ``desc_act`` (act-order) the group index is a permutation, not ``i // group``.
     """
-    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-
     layer = linear(40, 72)  # neither size a multiple of 32: both are padded
     x = inputs(72)
     q = GPTQLinear.quantize(layer, x.double().T @ x.double(), bits, group_size=32, desc_act=desc_act)
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear  # imported (environment kept) by quantize
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
     assert q.desc_act == desc_act and bool((q.g_idx[:72].diff() < 0).any()) == desc_act  # act-order permutes groups
     reference = TorchLinear(bits=bits, group_size=32, sym=False, desc_act=desc_act, in_features=q.g_idx.numel(),
                             out_features=q.scales.shape[1], bias=False, pack_dtype=torch.int32)
@@ -118,9 +120,14 @@ def test_bytes_are_packed_words_scales_zeros_group_index_and_padding(bits):
 
 
 def test_quantizing_leaves_the_environment_as_it_was():
-    before = dict(os.environ)
-    GPTQLinear.quantize(linear(32, 32), torch.eye(32, dtype=torch.float64), 4, group_size=32)
-    assert dict(os.environ) == before  # gptqmodel's import sets HF_HOME and others
+    """gptqmodel's import sets HF_HOME, TRANSFORMERS_CACHE and others; in a fresh process none of it stays."""
+    script = ("import os, torch; from torch import nn; from bench import GPTQLinear; before = dict(os.environ); "
+              "GPTQLinear.quantize(nn.Linear(32, 32), torch.eye(32, dtype=torch.float64), 4, group_size=32); "
+              "import gptqmodel; changed = sorted(k for k in set(before) | set(os.environ) "
+              "if before.get(k) != os.environ.get(k)); print('changed:', changed)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "changed: []" in result.stdout, result.stdout[-2000:]
 
 
 def test_missing_gptqmodel_is_one_line_with_the_install_command(monkeypatch, registry):

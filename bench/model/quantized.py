@@ -20,8 +20,9 @@ padding is counted in the bytes.
 2023) through GPTQModel (the optional ``svdbench[gptq]`` extra; imported only
 when a layer is quantized, because its import is slow and rewrites
 environment variables - they are restored here). GPTQ needs the gram of the
-layer's input, ``G = X X^T``, the statistic svdbench collects anyway. The
-layer stores GPTQModel's packed format as it would be deployed: ``qweight``
+layer's input, ``G = X X^T``, the statistic svdbench collects anyway; it
+runs on a CPU copy of the weight (GPTQModel's per-linear API), and the layer
+then joins the model on its device. The layer stores GPTQModel's packed format as it would be deployed: ``qweight``
 (int32 words, ``bits`` per weight, input-major), ``qzeros`` (int32 words, one
 zero point per group and output), ``scales`` (float16, per group and output)
 and ``g_idx`` (int32, the group of every input channel), plus the bias. The
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 BITS = (2, 3, 4, 8)
 GPTQ_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's packed layers accept
-GPTQ_INSTALL = "pip install 'svdbench[gptq]'  (gptqmodel==7.6.0)"
+GPTQ_INSTALL = "pip install 'svdbench[gptq]'"  # the extra pins gptqmodel==7.6.0
 META_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
