@@ -22,10 +22,13 @@ of ``G`` (non-symmetric); ``D G D`` is the paper's formulation (METHODS.md).
 **Layer-wise ratios** (``allocation = "heuristic"``). For block ``l``:
 importance ``S_l = sum over its matrices of mean ||grad W||_F / ||W||_F``
 (the ``grad_norm`` statistic on calibration text); compressibility ``U_l`` =
-the effective rank of the block's hidden states, the smallest ``k`` whose top
-``k`` singular values reach ``energy`` (95%) of their sum, with the singular
-values of ``X`` taken as ``sqrt(eig(G))`` of the gram of the block's first
-target (its attention input; q/k/v share it). The score
+the effective rank of the block's hidden states as the paper defines it: the
+smallest ``k`` whose top ``k`` singular values reach ``energy`` (95%) of their
+sum, for the hidden states ``H`` entering block ``l`` (the residual stream,
+before the block's first norm), with the singular values of ``H`` taken as
+``sqrt(eig(H H^T))`` of the ``hidden_gram`` statistic (a block-scope
+statistic: one float64 gram per block, collected in the same calibration
+pass as the others). The score
 ``S_l^0.3 * U_l^0.7`` is min-max normalized and spread linearly into kept
 fractions ``target +- spread`` (a higher score keeps more), then shifted by one
 common constant and clipped to ``[min_kept, max_kept]`` so that the clipped
@@ -51,6 +54,7 @@ from bench import (
     Context,
     Factorization,
     Method,
+    PaperNotes,
     Target,
     UsageError,
     cholesky_whitening,
@@ -128,11 +132,30 @@ def layer_kept_fractions(scores: dict[int, float], params: dict[int, int], targe
     return kept((lo + hi) / 2)
 
 
+def block_path(target: Target) -> str:
+    """The module path of the decoder block holding ``target`` (``model.layers.3``), the key of block statistics."""
+    return target.name.removesuffix("." + target.kind)
+
+
 class DipSVD(Method):
     name = "dipsvd"
     description = "DipSVD: channel-protected whitening (D G D) and importance x compressibility layer ratios"
     config_class = DipSVDConfig
-    requires = ("gram", "grad_norm")
+    requires = ("gram", "grad_norm", "hidden_gram")
+    notes = PaperNotes(
+        paper="Ding, Sun, Zhang, Yan, Zhou, Huang, Fu, Xie, Zhu: DipSVD: Dual-importance Protected SVD for Efficient "
+              "LLM Compression, 2025 (arXiv:2506.20353)",
+        paper_defaults="protect the top p = 3% channels with weight a = 30 (whitening with D G D); layer ratios from "
+                       "S^0.3 * U^0.7 spread +-0.25, kept fraction clipped to [0.3, 0.98] (heuristic) or Bayesian "
+                       "optimisation over 180 perplexity evaluations",
+        deviations=(
+            "D G D (the paper's formulation) instead of the reference code's column-only scaling of G, which makes "
+            "it non-symmetric",
+            "the clipped layer fractions meet the budget by one common shift (bisection), not renormalize-then-clip, "
+            "which leaves the budget unmet",
+            "the Bayesian-optimisation variant is not implemented (180 perplexity evaluations are too costly here)",
+        ),
+    )
 
     def decompose(self, target, weight, context, config) -> Factorization:
         gram = context.stats.get("gram", target.name).to(torch.float64)
@@ -153,7 +176,7 @@ class DipSVD(Method):
         for block, members in blocks.items():
             importance = sum(float(context.stats.get("grad_norm", t.name).sum()) / float(context.weight(t).double().norm())
                              for t in members)
-            rank = effective_rank(context.stats.get("gram", members[0].name), config.energy)
+            rank = effective_rank(context.stats.get("hidden_gram", block_path(members[0])), config.energy)
             scores[block] = importance ** config.importance_exponent * rank ** (1 - config.importance_exponent)
         return scores
 

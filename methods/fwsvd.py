@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import Diagonal, Factorization, Method, UsageError, factorize, hookimpl
+from bench import Diagonal, Factorization, Method, PaperNotes, UsageError, factorize, hookimpl
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,17 @@ class FisherWeightedSVD(Method):
     description = "Fisher-weighted SVD: input channels scaled by sqrt of their summed Fisher information"
     config_class = FWSVDConfig
     requires = ("fisher",)
+    notes = PaperNotes(
+        paper="Hsu, Hua, Tang, Wen, Hsieh, Jin: Language Model Compression with Weighted Low-Rank Factorization "
+              "(FWSVD), ICLR 2022",
+        paper_defaults="Fisher information from the gradients of the task loss on the training data of fine-tuned "
+                       "BERT-size models; every matrix at one rank",
+        deviations=(
+            "Fisher of the LM loss on the calibration windows (no official LLM code exists; METHODS.md): one value "
+            "per input channel, the squared gradients summed over output rows",
+            "eps relative to mean sqrt(f) rather than absolute, so it only keeps S invertible whatever the loss scale",
+        ),
+    )
 
     def decompose(self, target, weight, context, config) -> Factorization:
         return factorize(weight, Diagonal(fisher_scale(context.stats.get("fisher", target.name), config.eps)))

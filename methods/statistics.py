@@ -1,8 +1,9 @@
 """The built-in calibration statistics, a plugin like the methods that ask for them.
 
 All accumulate in float64: ``gram`` (X X^T per input group, SVD-LLM and its
-successors), ``abs_mean`` (ASVD), ``fisher`` (FWSVD) and ``grad_norm``
-(DipSVD's importance).
+successors), ``hidden_gram`` (H H^T of the hidden states entering each decoder
+block, DipSVD's compressibility), ``abs_mean`` (ASVD), ``fisher`` (FWSVD) and
+``grad_norm`` (DipSVD's importance).
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ class Gram(Statistic):
     def observe(self, key, tensor):
         x = tensor.double()
         self.add(key, x.T @ x, x.shape[0])
+
+
+class HiddenGram(Gram):
+    name = "hidden_gram"
+    description = "H H^T of the hidden states entering each decoder block, keyed by the block's path (float64)"
+    scope = "block"
 
 
 class AbsMean(Statistic):
@@ -56,5 +63,5 @@ class GradNorm(Statistic):
 
 @hookimpl
 def register_statistics(register):
-    for statistic in (Gram(), AbsMean(), Fisher(), GradNorm()):
+    for statistic in (Gram(), HiddenGram(), AbsMean(), Fisher(), GradNorm()):
         register(statistic)

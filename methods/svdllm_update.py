@@ -14,22 +14,28 @@ set with ``--method-option svdllm.update_steps=N`` / ``.batch_size=B``).
 
 from __future__ import annotations
 
-from bench import hookimpl
+from bench import PaperNotes, hookimpl
 from methods.svd import VanillaSVD
-from methods.svdllm import SVDLLMWhitening
-from methods.update import WithUpdate
+from methods.svdllm import CALIBRATION_DEVIATION, SVD_LLM_PAPER, SVDLLMWhitening
+from methods.update import UPDATE_DEVIATIONS, UPDATE_PAPER_DEFAULTS, WithUpdate
 
 
 class SVDLLM(WithUpdate, SVDLLMWhitening):
     name = "svdllm"
     description = "SVD-LLM: truncation-aware whitening + sequential LoRA update of W_u then W_v"
     components = {"transform": "whitening", "update": "yes"}
+    notes = PaperNotes(paper=SVD_LLM_PAPER,
+                       paper_defaults="whitening as svdllm_w, then the update: " + UPDATE_PAPER_DEFAULTS,
+                       deviations=(CALIBRATION_DEVIATION, *UPDATE_DEVIATIONS))
 
 
 class SVDLLMUpdateOnly(WithUpdate, VanillaSVD):
     name = "svdllm_u"
     description = "SVD-LLM ablation: vanilla SVD + sequential LoRA update of W_u then W_v"
     components = {"transform": "none", "update": "yes"}
+    notes = PaperNotes(paper=SVD_LLM_PAPER + " (Table 4 ablation)",
+                       paper_defaults="vanilla SVD, then the update: " + UPDATE_PAPER_DEFAULTS,
+                       deviations=UPDATE_DEVIATIONS)
 
 
 @hookimpl

@@ -1,5 +1,6 @@
 """SVD-LLM V2 (``svdllm_v2``, Wang et al., NAACL 2025): two-round truncation and
-heterogeneous per-matrix ranks. No public code exists; this follows METHODS.md.
+heterogeneous per-matrix ranks. No public code exists; this follows the paper
+and METHODS.md.
 
 **Two-round truncation.** ``G = X X^T = U_s Lambda U_s^T`` (``eigh``) and
 ``S = U_s Lambda^(1/2)``; ``SVD(W S)`` is truncated as in every method. Because
@@ -23,31 +24,55 @@ Larger damping is a ridge-like regularizer that generalizes better with few
 tokens, but it is no longer the paper's whitening, so it is an option
 (``svdllm_v2.delta=0.01``), not the default.
 
-**Heterogeneous ranks** (``allocation = "loss"``, the default). Matrices of
-the same kind across blocks (all ``q_proj``, all ``down_proj``, ...) form a
-group whose parameter budget is that of the uniform rank ``r0``. Each matrix's
-normalized theoretical loss at ``r0`` is
-``L_i = sqrt(truncated energy / total energy)`` of its whitened spectrum. The
-paper sets ratios proportional to a transformed ``L_i`` but its formula is
-ambiguous (its public issue #46), so the rule here is: **kept parameters are
-proportional to** ``L_i ** t`` - matrices that lose less at the uniform rank
-are compressed more, monotonically - rescaled so that the group keeps exactly
-its uniform budget (ranks are rounded by largest remainder: within one rank
-step per matrix; a rank never exceeds what makes factorizing worthwhile).
-``t`` is chosen per group from a fixed grid (``loss_exponents``) by the summed
-normalized loss it yields; the grid contains ``0`` (uniform) and ``1`` (the
-paper's linear form), so the rule is never worse than uniform on the paper's
-own criterion. A fixed linear rule overshoots: on spectra decaying at
-different speeds (tests/test_methods_v2_dipsvd.py) ``t = 1`` starves the
-fast-decaying matrices and raises the summed loss above uniform's at every
-ratio, while ``t`` around 0.05-0.15 lowers it - hence the grid is fine at the
-small end.
+**Heterogeneous ranks.** Matrices of the same kind across blocks (all
+``q_proj``, all ``down_proj``, ...) form a group ``G`` whose parameter budget is
+that of the uniform rank ``r0`` of the target ratio ``R``. Every rule below
+keeps each group's budget: ranks are integers, so a group keeps at most its
+budget and less than one rank step of any member below it (exactly the budget
+when the group's matrices have one shape, as in Llama-family models). A rank
+stays in ``[1, largest rank worth factorizing]``.
 
-``allocation = "greedy"`` is the stronger variant to compare: over all
-matrices at once it keeps the singular directions with the most normalized
-energy (``sigma^2 / sum sigma^2``) per parameter until the whole model's
-uniform budget is spent (the total is kept, not each group's).
-``allocation = "uniform"`` is the ablation without heterogeneous ranks.
+- ``allocation = "paper"`` (the default), the paper's rule as its pseudo-code
+  states it (quoted in the SVD-LLM repository's issue #46): ``L_i`` = the
+  theoretical truncation loss of matrix ``i`` at ``r0``, i.e. the **raw** sum
+  of its whitened matrix's truncated squared singular values (with
+  ``G = X X^T`` summed over the calibration tokens, so ``L_i`` grows with
+  their number); ``Lt_i = 1 / log(L_i)``; compression ratio
+  ``ratio_i = Len(G) * R * Lt_i / Sum_j Lt_j``. A matrix that loses more at
+  ``r0`` gets a smaller ratio (keeps more). The mean ratio over a group of
+  equal shapes is ``R``; to keep the integer budget exactly, ``R`` in that
+  product is solved for (a bisection on the common factor ``c`` of
+  ``ratio_i = c * Lt_i``; it lands within rounding of ``Len(G) * R / Sum Lt``)
+  and ratios that would leave a matrix outside ``[1, cap]`` are clipped with
+  the others re-solved. **Undefined domain**: where ``L_i <= 1`` the
+  logarithm is ``<= 0`` and ``1 / log`` is infinite or negative (a negative
+  ``Lt`` would invert the rule: the less a matrix loses, the more it keeps).
+  The formula says nothing there, so such a matrix keeps its uniform rank and
+  the formula distributes the rest of the group's budget among the others
+  (the whole group is uniform when none is defined). This happens only with
+  tiny losses - few calibration tokens, tiny layers (the unit tests' models);
+  those matrices are recorded in the allocation facts (``undefined``) and
+  logged.
+- ``allocation = "power"``, a rule of this project's own (not the paper's):
+  kept parameters proportional to ``N_i ** t`` with ``N_i`` the normalized loss
+  ``sqrt(truncated energy / total energy)`` at ``r0`` and ``t`` chosen per
+  group from ``loss_exponents`` by the summed normalized loss it gives (the
+  grid holds 0, i.e. uniform, so it is never worse than uniform on that
+  criterion). Measured on SmolLM2-135M it starves matrices whose whitened
+  energy sits in few directions (block 11's down_proj got rank 10 instead of
+  335) and does worse than uniform in perplexity: the summed normalized loss
+  is a poor proxy.
+- ``allocation = "greedy"``: per group, keep the singular directions with the
+  most normalized energy (``sigma^2 / sum sigma^2``) per parameter until the
+  group's budget is spent.
+- ``allocation = "uniform"``: ``r0`` everywhere (the ablation without
+  heterogeneous ranks).
+
+Whatever the rule, the allocation facts record the summed normalized loss
+and kept parameters every rule gives at that ratio (they are cheap: spectra
+only), so a report can put the rules side by side at equal parameters
+(reports' allocation ablation table; ``benchmarks/v2_allocation.py`` adds
+their perplexities).
 """
 
 from __future__ import annotations
@@ -55,6 +80,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,25 +89,25 @@ from bench import (
     Allocation,
     Factorization,
     Method,
+    PaperNotes,
     Target,
     UsageError,
     eigen_whitening,
     factorize,
     hookimpl,
     rank_for_ratio,
-    uniform_ranks,
 )
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("loss", "greedy", "uniform")
+ALLOCATIONS = ("paper", "power", "greedy", "uniform")
 
 
 @dataclass(frozen=True)
 class SVDLLMV2Config:
     delta: float = 1e-6  # eigenvalue damping, relative to mean(Lambda)
-    allocation: str = "loss"  # "loss" (per-group rule), "greedy" (global), "uniform"
-    loss_exponents: tuple[float, ...] = (0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1)  # grid for t in kept ~ L_i ** t
+    allocation: str = "paper"  # "paper" (published rule), "power" (this project's), "greedy", "uniform"
+    loss_exponents: tuple[float, ...] = (0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1)  # power: t grid
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
@@ -99,13 +125,22 @@ def max_useful_rank(target: Target) -> int:
     return max(1, min(min(m, n), math.ceil(m * n / (m + n)) - 1))
 
 
+def round_to_budget(x: list[float], costs: list[int], caps: list[int], budget: int) -> list[int]:
+    """Integer ranks from continuous ones: floors, then +1 by largest remainder while the budget allows."""
+    ranks = [max(1, min(cap, math.floor(v))) for v, cap in zip(x, caps)]
+    spare = budget - sum(r * c for r, c in zip(ranks, costs))
+    for i in sorted(range(len(x)), key=lambda i: x[i] - math.floor(x[i]), reverse=True):
+        if ranks[i] < caps[i] and costs[i] <= spare:
+            ranks[i] += 1
+            spare -= costs[i]
+    return ranks
+
+
 def ranks_for_budget(weights: list[float], costs: list[int], caps: list[int], budget: int) -> list[int]:
     """Integer ranks ``r_i ~ lambda * w_i`` in ``[1, cap_i]`` with ``sum r_i c_i`` just within ``budget``.
 
     Continuous ranks are water-filled (matrices hitting a bound are fixed and
-    the rest rescaled), then floored; the leftover budget goes, one rank at a
-    time, to the largest fractional remainders that still fit. The result is
-    below ``budget`` by less than the largest single rank cost.
+    the rest rescaled), then rounded by :func:`round_to_budget`.
     """
     count = len(weights)
     x = [0.0] * count
@@ -128,13 +163,19 @@ def ranks_for_budget(weights: list[float], costs: list[int], caps: list[int], bu
             x[i] = float(caps[i]) if high else 1.0
             left -= x[i] * costs[i]
             free.discard(i)
-    ranks = [max(1, min(caps[i], math.floor(x[i]))) for i in range(count)]
-    spare = budget - sum(r * c for r, c in zip(ranks, costs))
-    for i in sorted(range(count), key=lambda i: x[i] - math.floor(x[i]), reverse=True):
-        if ranks[i] < caps[i] and costs[i] <= spare:
-            ranks[i] += 1
-            spare -= costs[i]
-    return ranks
+    return round_to_budget(x, costs, caps, budget)
+
+
+def solve_decreasing(kept: Callable[[float], float], budget: float, high: float, steps: int = 200) -> float:
+    """The ``c`` in ``[0, high]`` where the non-increasing ``kept(c)`` meets ``budget`` (bisection)."""
+    low = 0.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if kept(mid) > budget:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def loss_curve(factorization: Factorization) -> list[float]:
@@ -145,59 +186,108 @@ def loss_curve(factorization: Factorization) -> list[float]:
     return (tail.clamp_min(0) / total).sqrt().tolist() if total > 0 else [0.0] * tail.numel()
 
 
-def loss_allocation(targets: list[Target], factorizations: dict[str, Factorization], ratio: float,
-                    exponents: list[float]) -> tuple[dict[str, int], dict[str, float]]:
-    """Per-group ranks by the ``kept ~ L_i ** t`` rule; returns ranks and the ``t`` chosen per group."""
-    groups: dict[str, list[Target]] = defaultdict(list)
+@dataclass
+class Group:
+    """One group of same-kind matrices at one ratio: what every rule needs."""
+
+    members: list[Target]
+    uniform: list[int]
+    costs: list[int]
+    caps: list[int]
+
+    @property
+    def budget(self) -> int:
+        return sum(r * c for r, c in zip(self.uniform, self.costs))
+
+
+def groups_at(targets: list[Target], ratio: float) -> dict[str, Group]:
+    """The targets grouped by kind, with their uniform ranks, rank costs and caps at ``ratio``."""
+    members: dict[str, list[Target]] = defaultdict(list)
     for target in targets:
-        groups[target.kind].append(target)
-    ranks: dict[str, int] = {}
-    chosen: dict[str, float] = {}
-    for kind, members in groups.items():
-        uniform = [rank_for_ratio(t.out_features, t.in_features, ratio) for t in members]
-        costs = [t.out_features + t.in_features for t in members]
-        caps = [max_useful_rank(t) for t in members]
-        budget = sum(r * c for r, c in zip(uniform, costs))
-        curves = [loss_curve(factorizations[t.name]) for t in members]
-        losses = [curve[r] for curve, r in zip(curves, uniform)]
-        best = None
-        for t in exponents:
-            # kept parameters ~ L_i ** t, i.e. ranks ~ L_i ** t / cost_i
-            weights = [max(loss, 1e-12) ** t / c for loss, c in zip(losses, costs)]
-            candidate = ranks_for_budget(weights, costs, caps, budget)
-            summed = sum(curve[r] for curve, r in zip(curves, candidate))
-            if best is None or summed < best[0] - 1e-12:
-                best = (summed, t, candidate)
-        _, chosen[kind], group_ranks = best
-        ranks.update({t.name: r for t, r in zip(members, group_ranks)})
-    return ranks, chosen
+        members[target.kind].append(target)
+    return {kind: Group(group, [rank_for_ratio(t.out_features, t.in_features, ratio) for t in group],
+                        [t.out_features + t.in_features for t in group], [max_useful_rank(t) for t in group])
+            for kind, group in members.items()}
 
 
-def greedy_allocation(targets: list[Target], factorizations: dict[str, Factorization], ratio: float) -> dict[str, int]:
-    """Keep the singular directions with the most normalized energy per parameter, model-wide."""
-    budget = sum(rank_for_ratio(t.out_features, t.in_features, ratio) * (t.out_features + t.in_features)
-                 for t in targets)
-    ranks = {t.name: 1 for t in targets}
-    spent = sum(t.out_features + t.in_features for t in targets)
+def paper_ranks(group: Group, factorizations: Mapping[str, Factorization]) -> tuple[list[int], list[str]]:
+    """The paper's ``ratio_i = Len(G) * R * Lt_i / Sum(Lt)``, ``Lt = 1 / log(L_min)``; returns ranks and the
+    members outside the formula's domain (``L_min <= 1``), which keep their uniform rank."""
+    ranks = list(group.uniform)
+    losses = [factorizations[t.name].truncation_loss(r) for t, r in zip(group.members, group.uniform)]
+    defined = [i for i, loss in enumerate(losses) if loss > 1.0]
+    undefined = [group.members[i].name for i in range(len(losses)) if i not in defined]
+    if not defined:
+        return ranks, undefined
+    lt = [1.0 / math.log(losses[i]) for i in defined]
+    params = [group.members[i].out_features * group.members[i].in_features for i in defined]
+    costs = [group.costs[i] for i in defined]
+    caps = [group.caps[i] for i in defined]
+    budget = sum(group.uniform[i] * group.costs[i] for i in defined)
+
+    def continuous(c: float) -> list[float]:
+        # rank_i = params_i * (1 - ratio_i) / cost_i with ratio_i = c * Lt_i, clipped to [1, cap_i]
+        return [min(cap, max(1.0, p * (1 - c * w) / cost)) for p, w, cost, cap in zip(params, lt, costs, caps)]
+
+    c = solve_decreasing(lambda c: sum(x * cost for x, cost in zip(continuous(c), costs)), budget, 1 / min(lt))
+    for i, rank in zip(defined, round_to_budget(continuous(c), costs, caps, budget)):
+        ranks[i] = rank
+    return ranks, undefined
+
+
+def power_ranks(group: Group, curves: Mapping[str, list[float]], exponents: list[float]) -> tuple[list[int], float]:
+    """This project's rule: kept parameters ~ ``N_i ** t``, ``t`` from the grid by the summed normalized loss."""
+    losses = [curves[t.name][r] for t, r in zip(group.members, group.uniform)]
+    best = None
+    for t in exponents:
+        # kept parameters ~ N_i ** t, i.e. ranks ~ N_i ** t / cost_i
+        weights = [max(loss, 1e-12) ** t / c for loss, c in zip(losses, group.costs)]
+        candidate = ranks_for_budget(weights, group.costs, group.caps, group.budget)
+        summed = sum(curves[m.name][r] for m, r in zip(group.members, candidate))
+        if best is None or summed < best[0] - 1e-12:
+            best = (summed, t, candidate)
+    return best[2], best[1]
+
+
+def greedy_ranks(group: Group, factorizations: Mapping[str, Factorization]) -> list[int]:
+    """Within the group, keep the singular directions with the most normalized energy per parameter."""
+    ranks = [1] * len(group.members)
+    spent = sum(group.costs)
     gains, owners = [], []
-    for index, target in enumerate(targets):
+    for index, (target, cost, cap) in enumerate(zip(group.members, group.costs, group.caps)):
         energy = factorizations[target.name].s.double() ** 2
         total = float(energy.sum())
-        cap = max_useful_rank(target)
         share = energy[1:cap] / total if total > 0 else torch.zeros(max(cap - 1, 0), dtype=torch.float64)
-        gains.append(share / (target.out_features + target.in_features))
+        gains.append(share / cost)
         owners.append(torch.full((share.numel(),), index, dtype=torch.long))
     gains, owners = torch.cat(gains), torch.cat(owners)
     # each matrix's gains are non-increasing, so a global sort keeps prefixes of every spectrum
-    order = torch.argsort(gains, descending=True, stable=True)
-    for index in owners[order].tolist():
-        target = targets[index]
-        cost = target.out_features + target.in_features
-        if spent + cost > budget:
+    for index in owners[torch.argsort(gains, descending=True, stable=True)].tolist():
+        if spent + group.costs[index] > group.budget:
             break
-        ranks[target.name] += 1
-        spent += cost
+        ranks[index] += 1
+        spent += group.costs[index]
     return ranks
+
+
+def allocate_rule(rule: str, targets: list[Target], factorizations: Mapping[str, Factorization], ratio: float,
+                  exponents: list[float], curves: Mapping[str, list[float]]) -> tuple[dict[str, int], dict]:
+    """Ranks of every target under ``rule`` at ``ratio``, and what the rule found (per group)."""
+    ranks: dict[str, int] = {}
+    found: dict = {}
+    for kind, group in groups_at(targets, ratio).items():
+        if rule == "paper":
+            group_ranks, undefined = paper_ranks(group, factorizations)
+            if undefined:
+                found.setdefault("undefined", []).extend(undefined)
+        elif rule == "power":
+            group_ranks, found.setdefault("loss_exponents", {})[kind] = power_ranks(group, curves, exponents)
+        elif rule == "greedy":
+            group_ranks = greedy_ranks(group, factorizations)
+        else:
+            group_ranks = list(group.uniform)
+        ranks.update({t.name: r for t, r in zip(group.members, group_ranks)})
+    return ranks, found
 
 
 class SVDLLMV2(Method):
@@ -205,18 +295,44 @@ class SVDLLMV2(Method):
     description = "SVD-LLM V2: eigen-based (two-round) whitening and per-group heterogeneous ranks"
     config_class = SVDLLMV2Config
     requires = ("gram",)
+    notes = PaperNotes(
+        paper="Wang, Alam, Wan, Shen, Zhang: SVD-LLM V2: Optimizing Singular Value Truncation for Large Language "
+              "Model Compression, NAACL 2025 (arXiv:2503.12340); no public code",
+        paper_defaults="whitening from eigh(X X^T) then SVD (two rounds), 256 x 2048 WikiText-2 calibration tokens; "
+                       "per group of same-type matrices ratio_i = Len(G) * R * Lt_i / Sum(Lt), Lt = 1 / log(L_min)",
+        deviations=(
+            "eigenvalues damped by delta * mean (1e-6) instead of a pseudo-inverse: a pseudo-inverse zeroes W on "
+            "directions the calibration data never visited (perplexity 3008 vs 402 at 20% with 128 tokens)",
+            "allocation: where L_min <= 1 the formula is undefined (log <= 0): that matrix keeps the uniform rank and "
+            "the formula shares the rest of its group's budget (recorded as `undefined`)",
+            "allocation: the common factor of the ratios is solved so each group keeps its integer parameter budget "
+            "(clipping a rank to [1, worth factorizing] re-solves the others)",
+            "'power' (kept ~ normalized loss ** t) is this project's rule, not the paper's; 'greedy' and 'uniform' "
+            "are ablations",
+        ),
+    )
 
     def decompose(self, target, weight, context, config) -> Factorization:
         return factorize(weight, eigen_whitening(context.stats.get("gram", target.name), config.delta))
 
-    def allocate(self, ratio, factorizations, context, config) -> dict[str, int] | Allocation:
-        if config.allocation == "uniform":
-            return uniform_ranks(context.targets, ratio)
-        if config.allocation == "greedy":
-            return greedy_allocation(context.targets, factorizations, ratio)
-        ranks, chosen = loss_allocation(context.targets, factorizations, ratio, list(config.loss_exponents))
-        log.info("svdllm_v2 at ratio %.2f: loss exponent per group %s", ratio, chosen)
-        return Allocation(ranks, {"loss_exponents": chosen})
+    def allocate(self, ratio, factorizations, context, config) -> Allocation:
+        curves = {t.name: loss_curve(factorizations[t.name]) for t in context.targets}
+        exponents = list(config.loss_exponents)
+        summary: dict[str, dict] = {}
+        chosen: tuple[dict[str, int], dict] | None = None
+        for rule in ALLOCATIONS:  # every rule, for the ablation: spectra only, no model is built
+            ranks, found = allocate_rule(rule, context.targets, factorizations, ratio, exponents, curves)
+            summary[rule] = {"summed_normalized_loss": sum(curves[name][r] for name, r in ranks.items()),
+                             "params": sum(ranks[t.name] * (t.out_features + t.in_features) for t in context.targets)}
+            if rule == config.allocation:
+                chosen = (ranks, found)
+        ranks, found = chosen
+        if found.get("undefined"):
+            log.warning("svdllm_v2 at ratio %.2f: L_min <= 1 (1/log undefined) for %d matrices; they keep the uniform "
+                        "rank: %s", ratio, len(found["undefined"]), ", ".join(found["undefined"][:5]))
+        if "loss_exponents" in found:
+            log.info("svdllm_v2 at ratio %.2f: loss exponent per group %s", ratio, found["loss_exponents"])
+        return Allocation(ranks, {"rule": config.allocation, "rules": summary, **found})
 
 
 @hookimpl

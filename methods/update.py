@@ -37,6 +37,15 @@ from bench import LowRankLinear, NoConfig, UsageError, data_file
 log = logging.getLogger(__name__)
 
 ALPACA_FILE = "alpaca/alpaca_5000.json"
+
+# What the update's paper did and how this one differs: the method notes of every method that uses it.
+UPDATE_PAPER_DEFAULTS = ("sequential LoRA on W_u then W_v (merged after each) on Alpaca (52k examples, epochs on a "
+                         "GPU), LoRA r 8, alpha 16, lr 1e-4, cutoff 256 tokens")
+UPDATE_DEVIATIONS = (
+    "the update's budget is explicit: update_steps (24) x batch_size (4) examples per phase from a vendored "
+    "5,000-example Alpaca subset, not epochs over 52k (sized for two CPU cores; the default profile runs 2 steps)",
+    "loss over the whole example (alpaca-lora's train_on_inputs default)",
+)
 ORDERS = ("uv", "vu")
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"

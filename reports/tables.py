@@ -14,6 +14,10 @@ keeps them exact. A table appears only when the run's records support it:
 - ``quantization``: SVD-LLM Table 8, bits, bytes and quality of quantized rows
   beside the dense model and the unquantized rows at the same ratios;
 - ``throughput``: tokens/s, speed-up over dense and memory per grid point;
+- ``allocation``: rank-allocation rules side by side at equal parameters
+  (SVD-LLM V2's ablation): every rule's summed normalized loss, which the
+  allocating method records in its facts, and the perplexity of each rule the
+  records evaluated;
 - ``methods``: every method's paper, defaults and deviations (the notes the
   method classes declare).
 """
@@ -330,6 +334,67 @@ def throughput_table(data: dict, df: pd.DataFrame) -> Table | None:
     return Table("throughput", "Throughput and memory", header, rows, notes)
 
 
+def allocation_rules(data: dict) -> tuple[dict[tuple[str, float], dict], dict[str, str]]:
+    """What allocating methods recorded: ``(method, ratio) -> {rule: summary}`` and ``compression id -> rule``.
+
+    A method takes part by putting ``rule`` (the one it used) and ``rules``
+    (``{rule: {"summed_normalized_loss": x, "params": n}}``, every rule it
+    knows at that ratio) in its allocation facts. Budget searches, and
+    compressions no current record refers to, are left out.
+    """
+    summaries: dict[tuple[str, float], dict] = {}
+    used: dict[str, str] = {}
+    reported = {r.get("compression") for r in data.get("records", [])}  # not those of earlier runs' records
+    for compression, info in (data.get("compressions") or {}).items():
+        if compression not in reported:
+            continue
+        allocation = (info.get("facts") or {}).get("allocation") or {}
+        if not isinstance(allocation.get("rules"), dict) or "rule" not in allocation or info.get("budget"):
+            continue
+        summaries[(info["method"], float(info["ratio"]))] = allocation["rules"]
+        used[compression] = allocation["rule"]
+    return summaries, used
+
+
+def allocation_table(data: dict, df: pd.DataFrame) -> Table | None:
+    """Allocation rules x ratios at equal parameters: summed normalized loss, and perplexity where evaluated."""
+    summaries, used = allocation_rules(data)
+    if not summaries:
+        return None
+    methods = list(dict.fromkeys(method for method, _ in summaries))
+    ratios = sorted({ratio for _, ratio in summaries})
+    perplexity: dict[tuple[str, str, float, str], float] = {}
+    tasks: list[str] = []
+    for r in data.get("records", []):
+        rule = used.get(r.get("compression"))
+        if rule is None or r.get("kind") != "perplexity" or r.get("budget") is not None or r.get("bits") is not None:
+            continue
+        perplexity[(r["method"], rule, float(r["ratio"]), r["task"])] = r["value"]
+        tasks += [r["task"]] if r["task"] not in tasks else []
+    order = task_order(data)
+    tasks.sort(key=lambda t: order.index(t) if t in order else len(order))
+    header = ["method", "rule"] + [f"summed normalized loss ↓ @ {ratio:.0%}" for ratio in ratios] \
+        + [f"{task} ppl ↓ @ {ratio:.0%}" for task in tasks for ratio in ratios]
+    rows = []
+    for method in methods:
+        rules = list(dict.fromkeys(rule for (m, _), summary in summaries.items() if m == method for rule in summary))
+        for rule in rules:
+            losses = [(summaries.get((method, ratio)) or {}).get(rule, {}).get("summed_normalized_loss")
+                      for ratio in ratios]
+            rows.append([method, rule, *losses, *[perplexity.get((method, rule, ratio, task))
+                                                  for task in tasks for ratio in ratios]])
+    kept = sorted({(ratio, summary.get("params")) for (_, ratio), rules in summaries.items()
+                   for summary in rules.values()})
+    notes = [settings_note(data.get("manifest", {})),
+             "Every rule keeps each group of same-kind matrices at the parameters of the uniform rank (target "
+             "parameters kept: " + ", ".join(f"{p / 1e6:.3f}M at {ratio:.0%}" for ratio, p in kept if p) + "). "
+             "Summed normalized loss: sum over matrices of sqrt(truncated / total squared singular values of the "
+             "whitened matrix) at the rule's ranks, computed for every rule from the spectra; perplexity only for "
+             "the rules the run evaluated ('-': not evaluated in this run)."]
+    return Table("allocation", "Rank allocation rules at equal parameters (SVD-LLM V2 ablation)", header, rows, notes,
+                 percent=())
+
+
 def methods_table(data: dict, df: pd.DataFrame) -> Table | None:
     """Published vs measured, per method: its paper, the paper's defaults, svdbench's defaults and deviations."""
     methods = (data.get("manifest") or {}).get("methods") or {}
@@ -349,8 +414,8 @@ def methods_table(data: dict, df: pd.DataFrame) -> Table | None:
                  percent=())
 
 
-TABLE_BUILDERS = (main_table, zeroshot_table, ablation_table, budget_table, quantization_table, throughput_table,
-                  methods_table)
+TABLE_BUILDERS = (main_table, zeroshot_table, ablation_table, allocation_table, budget_table, quantization_table,
+                  throughput_table, methods_table)
 
 
 def build_tables(data: dict) -> list[Table]:

@@ -13,18 +13,19 @@ from bench import (
     Allocation,
     CalibrationStats,
     Context,
+    Factorization,
     Target,
     cholesky_whitening,
     factorize,
     load_results,
     rank_for_ratio,
 )
-from bench.engine.calibration import collect_statistics
+from bench.engine.calibration import StatisticsCache, collect_statistics
 from bench.engine.config import CalibrationConfig, RunConfig
 from bench.engine.executor import run
 from bench.engine.plugins import load_registry
 from bench.model.targets import find_targets
-from methods.dipsvd import DipSVD, DipSVDConfig, layer_kept_fractions, protection
+from methods.dipsvd import DipSVD, DipSVDConfig, effective_rank, layer_kept_fractions, protection
 from methods.svdllm_v2 import SVDLLMV2, SVDLLMV2Config
 
 
@@ -110,33 +111,112 @@ def spectrum_matrix(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
     return u[:, :k] @ torch.diag(s) @ v[:, :k].T
 
 
-def heterogeneous_group():
-    """Two kinds over six blocks whose spectra decay at very different speeds."""
+def heterogeneous_group(scale: float = 1.0):
+    """Two kinds over six blocks whose spectra decay at very different speeds (``scale`` multiplies the weights)."""
     targets, factorizations = [], {}
     decays = [0.5, 8.0, 2.0, 12.0, 1.0, 4.0]
     for block, decay in enumerate(decays):
         for kind, (m, n) in (("self_attn.q_proj", (48, 48)), ("mlp.down_proj", (48, 96))):
             t = Target(f"model.layers.{block}.{kind}", block, kind, m, n, False)
             targets.append(t)
-            factorizations[t.name] = factorize(spectrum_matrix(m, n, decay * (1.5 if "mlp" in kind else 1), seed=block))
+            weight = scale * spectrum_matrix(m, n, decay * (1.5 if "mlp" in kind else 1), seed=block)
+            factorizations[t.name] = factorize(weight)
     return targets, factorizations
 
 
+def group_budgets(targets: list[Target], ranks: dict[str, int], ratio: float) -> dict[str, tuple[int, int, int]]:
+    """Per kind: (uniform budget, parameters the ranks keep, one rank step)."""
+    out = {}
+    for kind in {t.kind for t in targets}:
+        group = [t for t in targets if t.kind == kind]
+        step = group[0].out_features + group[0].in_features
+        budget = sum(rank_for_ratio(t.out_features, t.in_features, ratio) * step for t in group)
+        out[kind] = (budget, sum(ranks[t.name] * step for t in group), step)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["paper", "power", "greedy", "uniform"])
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
-def test_v2_allocation_keeps_each_group_budget_and_lowers_the_loss(ratio):
-    targets, factorizations = heterogeneous_group()
+def test_every_v2_rule_keeps_each_group_budget_exactly(rule, ratio):
+    targets, factorizations = heterogeneous_group(scale=1e4)  # raw losses > 1: the paper's formula is defined
+    method = SVDLLMV2()
+    allocation = method.allocate(ratio, factorizations, context_for(targets), method.make_config({"allocation": rule}))
+    for kind, (budget, used, step) in group_budgets(targets, allocation.ranks, ratio).items():
+        assert used == budget, (kind, budget, used, step)  # one shape per group: the budget is met exactly
+    # the facts put every rule side by side at equal parameters
+    rules = allocation.facts["rules"]
+    assert allocation.facts["rule"] == rule and set(rules) == {"paper", "power", "greedy", "uniform"}
+    assert len({summary["params"] for summary in rules.values()}) == 1
+    assert rules["uniform"]["summed_normalized_loss"] == pytest.approx(
+        sum(factorizations[t.name].normalized_loss(rank_for_ratio(t.out_features, t.in_features, ratio))
+            for t in targets))
+
+
+def hand_made(losses: list[float], n: int = 64, ratio: float = 0.4) -> tuple[list[Target], dict]:
+    """Square ``n x n`` matrices whose raw truncation loss at the uniform rank is exactly ``losses[i]``."""
+    r0 = rank_for_ratio(n, n, ratio)
+    targets, factorizations = [], {}
+    for block, loss in enumerate(losses):
+        tail = torch.full((n - r0,), math.sqrt(loss / (n - r0)), dtype=torch.float64)
+        head = torch.linspace(2, 1, r0, dtype=torch.float64) * max(float(tail[0]), 1.0) * 10
+        t = Target(f"model.layers.{block}.mlp.up_proj", block, "mlp.up_proj", n, n, False)
+        targets.append(t)
+        eye = torch.eye(n, dtype=torch.float64)
+        factorizations[t.name] = Factorization(u=eye, s=torch.cat([head, tail]), vt=eye)
+    return targets, factorizations
+
+
+def test_v2_paper_rule_gives_the_formulas_ratios():
+    """ratio_i = Len(G) * R * Lt_i / Sum(Lt), Lt = 1 / log(L_min), on spectra with known raw losses."""
+    ratio, n = 0.4, 64
+    losses = [math.e ** 2, math.e ** 4, math.e ** 8, math.e ** 16]
+    targets, factorizations = hand_made(losses, n, ratio)
+    assert [factorizations[t.name].truncation_loss(rank_for_ratio(n, n, ratio)) for t in targets] == \
+        pytest.approx(losses)
+    method = SVDLLMV2()
+    ranks = method.allocate(ratio, factorizations, context_for(targets), method.make_config()).ranks
+    lt = [1 / math.log(loss) for loss in losses]  # 1/2, 1/4, 1/8, 1/16
+    # R: the ratio the uniform integer rank really removes (the budget kept is that of the uniform ranks)
+    removed = 1 - rank_for_ratio(n, n, ratio) * 2 * n / (n * n)
+    formula = [len(lt) * removed * w / sum(lt) for w in lt]
+    achieved = [1 - ranks[t.name] * 2 * n / (n * n) for t in targets]
+    step = 2 * n / (n * n)  # one rank, as a fraction of the matrix
+    assert all(abs(a - f) <= step for a, f in zip(achieved, formula)), (achieved, formula)
+    # monotone the right way: a matrix that loses more at the uniform rank keeps more
+    assert [ranks[t.name] for t in targets] == sorted(ranks[t.name] for t in targets)
+    assert ranks[targets[0].name] < ranks[targets[-1].name]
+
+
+def test_v2_paper_rule_outside_its_domain_keeps_the_uniform_rank():
+    """L_min <= 1 makes 1/log(L_min) infinite or negative: those matrices keep r0, the others share the rest."""
+    ratio, n = 0.4, 64
+    r0 = rank_for_ratio(n, n, ratio)
+    targets, factorizations = hand_made([0.5, 1.0, math.e ** 3, math.e ** 9], n, ratio)
     method = SVDLLMV2()
     allocation = method.allocate(ratio, factorizations, context_for(targets), method.make_config())
-    ranks = ranks_of(allocation)
+    ranks = allocation.ranks
+    assert allocation.facts["undefined"] == [targets[0].name, targets[1].name]
+    assert ranks[targets[0].name] == ranks[targets[1].name] == r0
+    assert ranks[targets[2].name] < r0 < ranks[targets[3].name]  # the formula among the defined two
+    assert sum(ranks.values()) == 4 * r0
+    # none defined: uniform
+    targets, factorizations = hand_made([0.1, 0.2, 0.3], n, ratio)
+    allocation = method.allocate(ratio, factorizations, context_for(targets), method.make_config())
+    assert set(allocation.ranks.values()) == {r0} and len(allocation.facts["undefined"]) == 3
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_v2_power_rule_is_monotone_and_never_worse_than_uniform_on_its_criterion(ratio):
+    targets, factorizations = heterogeneous_group()
+    method = SVDLLMV2()
+    allocation = method.allocate(ratio, factorizations, context_for(targets),
+                                 method.make_config({"allocation": "power"}))
+    ranks = allocation.ranks
     assert set(allocation.facts["loss_exponents"]) == {t.kind for t in targets}  # recorded with the compression
     total, uniform_total = 0.0, 0.0
     for kind in {t.kind for t in targets}:
         group = [t for t in targets if t.kind == kind]
-        step = group[0].out_features + group[0].in_features
         uniform = {t.name: rank_for_ratio(t.out_features, t.in_features, ratio) for t in group}
-        budget = sum(uniform[t.name] * step for t in group)
-        used = sum(ranks[t.name] * step for t in group)
-        assert 0 <= budget - used < step * len(group)
         loss = sum(factorizations[t.name].normalized_loss(ranks[t.name]) for t in group)
         uniform_loss = sum(factorizations[t.name].normalized_loss(uniform[t.name]) for t in group)
         assert loss <= uniform_loss + 1e-12  # never worse than uniform within a group
@@ -151,27 +231,22 @@ def test_v2_allocation_keeps_each_group_budget_and_lowers_the_loss(ratio):
     assert len(set(ranks.values())) > len({t.kind for t in targets})  # heterogeneous
 
 
-def test_v2_linear_rule_and_greedy_option():
+def test_v2_greedy_and_uniform_options():
     targets, factorizations = heterogeneous_group()
     method = SVDLLMV2()
     context = context_for(targets)
     ratio = 0.4
     uniform = {t.name: rank_for_ratio(t.out_features, t.in_features, ratio) for t in targets}
-    cost = {t.name: t.out_features + t.in_features for t in targets}
-    budget = sum(uniform[n] * cost[n] for n in uniform)
-    # the paper's linear form alone (t = 1) still keeps every group's budget
-    linear = ranks_of(method.allocate(ratio, factorizations, context, method.make_config({"loss_exponents": "1"})))
-    for kind in {t.kind for t in targets}:
-        names = [t.name for t in targets if t.kind == kind]
-        assert 0 <= sum((uniform[n] - linear[n]) * cost[n] for n in names) < cost[names[0]] * len(names)
-    # greedy keeps the whole-model budget and removes less normalized energy than uniform
-    greedy = ranks_of(method.allocate(ratio, factorizations, context, method.make_config({"allocation": "greedy"})))
-    used = sum(greedy[n] * cost[n] for n in greedy)
-    assert 0 <= budget - used < max(cost.values())
+    # the linear form of the power rule (t = 1) alone still keeps every group's budget
+    linear = method.allocate(ratio, factorizations, context,
+                             method.make_config({"allocation": "power", "loss_exponents": "1"})).ranks
+    assert all(budget == used for budget, used, _ in group_budgets(targets, linear, ratio).values())
+    # greedy keeps every group's budget and removes less normalized energy than uniform
+    greedy = method.allocate(ratio, factorizations, context, method.make_config({"allocation": "greedy"})).ranks
+    assert all(budget == used for budget, used, _ in group_budgets(targets, greedy, ratio).values())
     energy = lambda r: sum(factorizations[n].normalized_loss(r[n]) ** 2 for n in r)  # noqa: E731
     assert energy(greedy) < energy(uniform) * 0.99
-    assert ranks_of(method.allocate(ratio, factorizations, context,
-                                    method.make_config({"allocation": "uniform"}))) == uniform
+    assert method.allocate(ratio, factorizations, context, method.make_config({"allocation": "uniform"})).ranks == uniform
 
 
 # --------------------------------------------------------------------------- DipSVD: channel protection
@@ -239,7 +314,7 @@ def test_dipsvd_allocation_meets_the_budget_within_the_clip(ratio):
     registry = load_registry()
     batches = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     stats = collect_statistics(model, "tiny-dipsvd", targets, batches, CalibrationConfig(samples=4, seqlen=32),
-                               [registry.get("statistic", "gram"), registry.get("statistic", "grad_norm")])
+                               [registry.get("statistic", name) for name in DipSVD.requires])
     context = Context(model=model, tokenizer=None, targets=targets, stats=stats, calibration=None, device="cpu",
                       cache_dir=Path("."), model_identity="tiny-dipsvd")
     method = DipSVD()
@@ -256,6 +331,40 @@ def test_dipsvd_allocation_meets_the_budget_within_the_clip(ratio):
     per_block = {t.block: ranks[t.name] for t in targets if t.kind == "self_attn.q_proj"}
     assert len(set(per_block.values())) > 1  # layer-wise, not uniform
     assert all(s > 0 and math.isfinite(s) for s in method.layer_scores(context, config).values())
+
+
+def test_dipsvd_compressibility_is_the_effective_rank_of_the_hidden_states_entering_each_block(tmp_path):
+    """The paper's U_l: effective rank of block l's input hidden states (not of the attention input after the norm)."""
+    model = tiny_model("llama", layers=3)
+    targets = find_targets(model)
+    batches = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
+    registry = load_registry()
+    stats = collect_statistics(model, "tiny-hidden", targets, batches, CalibrationConfig(samples=3, seqlen=40),
+                               [registry.get("statistic", name) for name in DipSVD.requires],
+                               cache=StatisticsCache(tmp_path))
+    # the block statistic, gathered here by hand from the blocks' inputs
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [block.register_forward_pre_hook(
+        lambda _m, args, kwargs, i=i: seen.__setitem__(i, seen.get(i, 0) + torch.einsum(
+            "btn,btm->nm", *(2 * [(args[0] if args else kwargs["hidden_states"]).double()]))), with_kwargs=True)
+        for i, block in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for batch in batches:
+            model(batch[None], use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    assert set(stats.values["hidden_gram"]) == {f"model.layers.{i}" for i in range(3)}
+    for i in range(3):
+        assert torch.allclose(stats.get("hidden_gram", f"model.layers.{i}"), seen[i], rtol=1e-10)
+    context = Context(model=model, tokenizer=None, targets=targets, stats=stats, calibration=None, device="cpu",
+                      cache_dir=Path("."), model_identity="tiny-hidden")
+    config = DipSVD().make_config()
+    scores = DipSVD().layer_scores(context, config)
+    for i in range(3):
+        importance = sum(float(stats.get("grad_norm", t.name).sum()) / float(context.weight(t).double().norm())
+                         for t in targets if t.block == i)
+        rank = effective_rank(seen[i], config.energy)
+        assert scores[i] == pytest.approx(importance ** 0.3 * rank ** 0.7)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -181,8 +181,11 @@ def eigen_whitening(gram: torch.Tensor, delta: float = 0.0) -> Eigen:
     """``S = U_s (Lambda + delta*mean(Lambda))^(1/2)`` from ``eigh(G)`` (SVD-LLM V2).
 
     Never fails on a singular ``G``: eigenvalues are clamped at zero and damped
-    by ``delta * mean(Lambda)``; with ``delta = 0`` eigenvalues at or below a
-    tolerance are replaced by that tolerance (a pseudo-inverse-like limit).
+    by ``delta * mean(Lambda)``. With ``delta = 0`` eigenvalues at or below a
+    tolerance (``max(Lambda) * n * eps``) are raised to that tolerance: ``S``
+    stays invertible, so the truncated ``W' = U_r U_r^T W`` keeps ``W`` on
+    input directions the calibration data never visited. That is the opposite
+    of a pseudo-inverse, which would drop those directions (zero ``W`` there).
     """
     values, vectors = torch.linalg.eigh(gram.to(torch.float64))
     values = values.clamp_min(0)

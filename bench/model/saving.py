@@ -13,7 +13,7 @@ matrix's rank, every quantized linear's layout, the source model's identity
 and checksum, the svdbench version, the sha256 of every weight file and the
 fingerprint of the compressed model. Loading rebuilds the architecture from
 ``config.json``, replaces the recorded targets with :class:`LowRankLinear` /
-:class:`QuantizedLinear` modules of the recorded shapes, loads the tensors
+:class:`QuantizedLinear` / :class:`GPTQLinear` modules of the recorded shapes, loads the tensors
 (strictly: no key missing or extra) and verifies both the file checksums and
 the fingerprint. Nothing is pickled: whole-module ``torch.save`` is what the
 reference SVD-LLM code does and what breaks for its users across versions.
@@ -30,7 +30,7 @@ from torch import nn
 from bench.errors import UsageError
 from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
-from bench.model.quantized import QuantizedLinear
+from bench.model.quantized import QUANTIZED_LAYERS, empty_quantized, quantized_layout
 from bench.model.targets import set_module
 from bench.storage import sha256_file
 
@@ -40,15 +40,9 @@ FORMAT = 1
 
 
 def _layout(model: nn.Module) -> tuple[dict[str, int], dict[str, dict]]:
-    """Ranks of every LowRankLinear and the tensor layout of every QuantizedLinear."""
+    """Ranks of every LowRankLinear and the tensor layout of every quantized layer (HQQ or GPTQ)."""
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    quantized = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
-            quantized[name] = {**m.quantization(), "in_features": m.in_features, "out_features": m.out_features,
-                               "bias": m.bias is not None, "compute_dtype": str(m.compute_dtype).removeprefix("torch."),
-                               "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                                           for key, t in (("packed", m.packed), ("scale", m.scale), ("zero", m.zero))}}
+    quantized = {name: quantized_layout(m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
     return ranks, quantized
 
 
@@ -112,12 +106,7 @@ def _rebuild(model: nn.Module, manifest: dict) -> None:
             set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, int(rank),
                                                   dense.bias is not None, dtype=dtype))
         for name, q in manifest["quantized"].items():
-            t = q["tensors"]
-            empty = {key: torch.empty(t[key]["shape"], dtype=getattr(torch, t[key]["dtype"])) for key in t}
-            bias = torch.empty(q["out_features"], dtype=dtype) if q["bias"] else None
-            set_module(model, name, QuantizedLinear(q["in_features"], q["out_features"], int(q["nbits"]),
-                                                    int(q["group_size"]), empty["packed"], empty["scale"],
-                                                    empty["zero"], bias, compute_dtype=getattr(torch, q["compute_dtype"])))
+            set_module(model, name, empty_quantized(q, dtype))
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise UsageError(f"the manifest does not fit the saved architecture ({type(error).__name__}: {error})") from None
 
