@@ -20,7 +20,7 @@ from bench import (
     load_results,
     rank_for_ratio,
 )
-from bench.engine.calibration import StatisticsCache, collect_statistics
+from bench.engine.calibration import StatisticsStore, collect_statistics
 from bench.engine.config import CalibrationConfig, RunConfig
 from bench.engine.executor import run
 from bench.engine.plugins import load_registry
@@ -341,7 +341,7 @@ def test_dipsvd_compressibility_is_the_effective_rank_of_the_hidden_states_enter
     registry = load_registry()
     stats = collect_statistics(model, "tiny-hidden", targets, batches, CalibrationConfig(samples=3, seqlen=40),
                                [registry.get("statistic", name) for name in DipSVD.requires],
-                               cache=StatisticsCache(tmp_path))
+                               cache=StatisticsStore(tmp_path))
     # the block statistic, gathered here by hand from the blocks' inputs
     seen: dict[int, torch.Tensor] = {}
     hooks = [block.register_forward_pre_hook(
