@@ -16,10 +16,13 @@ calls.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -53,7 +56,7 @@ from bench.errors import UsageError
 from bench.model.loaded import LoadedModel
 from bench.model.loading import load_model
 from bench.model.targets import find_targets, footprint
-from bench.storage import cache_root
+from bench.storage import Lock, cache_root, disk_error, is_disk_error
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +180,11 @@ class Workspace:
             return self._last[1]
         self._last = None  # free the previous one before computing the next
         start = time.perf_counter()
-        factorizations = {t.name: method.decompose(t, context.weight(t), context, method.config)
-                          for t in tqdm(self.targets, desc=f"{method.name}: decompose", leave=False, unit="matrix")}
+        factorizations = {}
+        for t in tqdm(self.targets, desc=f"{method.name}: decompose", leave=False, unit="matrix"):
+            with at_layer(t.name):
+                factorizations[t.name] = method.decompose(t, context.weight(t), context, method.config)
+                check_finite(factorizations[t.name].s, t.name, "decompose", "singular values")
         self.timed(f"decompose:{method.name}", start)
         self._last = (key, factorizations)
         return factorizations
@@ -192,6 +198,45 @@ class Workspace:
         compressed = build_compressed(method, ratio, factorizations, context, self.dense_footprint)
         self.timed(f"compress:{name}:{ratio}", start)
         return method, compressed
+
+
+# --------------------------------------------------------------------------- bad numbers and failures
+
+class NonFinite(FloatingPointError):
+    """NaN or inf where a number must be finite: ``layer`` and ``stage`` say where."""
+
+    def __init__(self, layer: str | None, stage: str, what: str):
+        super().__init__(f"non-finite {what}" + (f" in {layer}" if layer else ""))
+        self.layer, self.stage = layer, stage
+
+
+def check_finite(tensor: torch.Tensor, layer: str | None, stage: str, what: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise NonFinite(layer, stage, what)
+
+
+class at_layer:
+    """Tags an error raised inside with the layer it happened in (for the failure record)."""
+
+    def __init__(self, layer: str):
+        self.layer = layer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, _tb):
+        if isinstance(error, Exception) and getattr(error, "layer", None) is None:
+            try:
+                error.layer = self.layer
+            except AttributeError:  # exceptions with __slots__
+                pass
+        return False
+
+
+def check_model_finite(model, stage: str) -> None:
+    """Every floating-point parameter and buffer of a compressed model is finite; else which layer is not."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        check_finite(tensor.detach(), name.rpartition(".")[0], stage, f"weights ({name.rpartition('.')[2]})")
 
 
 # --------------------------------------------------------------------------- one group
@@ -219,18 +264,32 @@ def _evaluate(workspace: Workspace, sink: Sink, model, cells: list[Cell], summar
         label = f"evaluate:{cell.method}:{ratio}:{cell.task}"
         seconds = workspace.timed(label, start)
         sink.add_timing(label, seconds)
+        bad = [m for m in measurements if not (isinstance(m.value, (int, float)) and math.isfinite(m.value))]
+        if bad:  # a NaN/inf never becomes a record: the cell fails (and is tried again by the next run)
+            error = NonFinite(bad[0].extra.get("nonfinite_source"), f"evaluate {cell.task}",
+                              f"{cell.task} {bad[0].metric} ({bad[0].value})")
+            _fail(sink, cell.method, ratio if method else None, f"evaluate {cell.task}", error)
+            continue
         sink.add(_records(workspace, task, cell, measurements, summary, seconds, method, compression, ratio, budget))
         log.info("%s %.2f %s: %s", cell.method, ratio, cell.task,
                  ", ".join(f"{m.metric}={m.value:.4g}" for m in measurements))
 
 
 def _fail(sink: Sink, method: str, ratio: float | None, stage: str, error: Exception) -> None:
+    """Record a failed stage in ``failures`` (with the layer, where known); a full disk ends the run instead."""
     import traceback
 
-    log.error("%s%s failed during %s: %s: %s", method, f" at ratio {ratio}" if ratio is not None else "",
-              stage, type(error).__name__, error)
-    sink.add_failure({"method": method, "ratio": ratio, "stage": stage, "error": f"{type(error).__name__}: {error}",
-                      "traceback": traceback.format_exc(limit=6)})
+    if is_disk_error(error):
+        raise disk_error(error, getattr(error, "filename", None) or "?") from None
+    stage = getattr(error, "stage", None) or stage
+    layer = getattr(error, "layer", None)
+    if layer is None:  # the calibration engine names the layer in its message
+        found = re.search(r"non-finite for (\S+)", str(error))
+        layer = found.group(1) if found else None
+    log.error("%s%s failed during %s%s: %s: %s", method, f" at ratio {ratio}" if ratio is not None else "",
+              stage, f" at {layer}" if layer else "", type(error).__name__, error)
+    sink.add_failure({"method": method, "ratio": ratio, "stage": stage, "layer": layer,
+                      "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=6)})
 
 
 def _run_point(workspace: Workspace, sink: Sink, method: Method, factorizations: Mapping[str, Factorization],
@@ -251,6 +310,7 @@ def _run_point(workspace: Workspace, sink: Sink, method: Method, factorizations:
                      fit.budget_bytes, compressed.ratio, fit.bytes)
         else:
             compressed = build_compressed(method, ratio, factorizations, context, workspace.dense_footprint)
+        check_model_finite(compressed.model, "compress")
         label = f"compress:{method.name}:" + (f"budget={budget_spec}" if budget_spec else f"{ratio}")
         sink.add_timing(label, workspace.timed(label, start))
         compression_id = record_key(model=workspace.loaded.identity, method=method.name,
@@ -277,13 +337,15 @@ def run_group(workspace: Workspace, plan: Plan, group: CellGroup, sink: Sink) ->
         return
     for name in group.methods:
         method = workspace.create(name)
+        stage = "statistics"
         try:
             context = workspace.context(method, collect_with=plan.statistics)
+            stage = "decompose"
             factorizations = workspace.decompose(method, context)
         except UsageError:
             raise
         except Exception as error:
-            _fail(sink, name, None, "decompose", error)
+            _fail(sink, name, None, stage, error)
             continue
         for ratio, budget in group.targets(name):
             cells = [c for c in group.cells if c.method == name and c.ratio == ratio and c.budget == budget]
@@ -351,28 +413,53 @@ def plan_run(config: RunConfig, registry: Registry, workspace: Workspace) -> Pla
     return make_plan(config, registry, workspace.loaded.identity, workspace.dense_footprint["bytes"])
 
 
+LOCK_FILE = ".svdbench.lock"
+
+
+def output_lock(out: str | Path) -> Lock:
+    """The lock of an output directory: one writer per ``--out`` (a second run fails at once, naming the first)."""
+    return Lock(Path(out) / LOCK_FILE, f"--out {out}")
+
+
+def check_model_fits(config: RunConfig, loaded: LoadedModel, registry: Registry) -> None:
+    """What can only be checked once the model is loaded: window lengths, and no compressing a compressed model."""
+    limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int):
+        for flag, value in (("--seqlen", config.seqlen), ("--calib-seqlen", config.calibration.seqlen)):
+            if value > limit:
+                raise UsageError(f"{flag} {value} is longer than {loaded.name}'s max_position_embeddings {limit}; "
+                                 f"use {flag} {limit} or less")
+    compressed = loaded.info.get("compressed")
+    if compressed and run_methods(config, registry):
+        raise UsageError(f"{loaded.name} is already compressed ({compressed.get('method')}); evaluate it with "
+                         "--methods none, or compress the original model")
+
+
 def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel | None = None) -> Results:
-    """Run ``config`` into ``config.out`` in this process, resuming what is already there."""
+    """Run ``config`` into ``config.out`` in this process, resuming what is already there.
+
+    The output directory is locked for the whole run; every finished cell is
+    journaled at once (:mod:`bench.engine.results`).
+    """
     start = time.perf_counter()
     registry = registry or load_registry(config.plugins_dirs)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {config.device} but CUDA is not available; use --device cpu")
     validate(config, registry)
-    workspace = Workspace(config, registry, loaded)
-    plan = plan_run(config, registry, workspace)
-    results = Results(config.out)
-    results.keep_only(plan.keys())
-    results.manifest.update(manifest(config, registry, workspace, plan))
-    results.save()
-    pending = plan.pending(results.done)
-    skipped = len(plan.cells()) - len(pending.cells())
-    if skipped:
-        log.info("%d of %d cells already in %s; computing the other %d", skipped, len(plan.cells()), results.path,
-                 len(pending.cells()))
-    sink = _ResultsSink(results, workspace)
-    for group in pending.groups:
-        run_group(workspace, pending, group, sink)
-    workspace.timed("total", start)
-    results.manifest["timings"] = workspace.timings
-    results.save()
+    with output_lock(config.out).acquire(wait=False):
+        results = Results(config.out)  # before the model loads: a bad --out fails in a second, not minutes
+        workspace = Workspace(config, registry, loaded)
+        check_model_fits(config, workspace.loaded, registry)
+        plan = plan_run(config, registry, workspace)
+        results.begin(manifest(config, registry, workspace, plan), plan.keys())
+        pending = plan.pending(results.done)
+        skipped = len(plan.cells()) - len(pending.cells())
+        if skipped:
+            log.info("%d of %d cells already in %s; computing the other %d", skipped, len(plan.cells()),
+                     results.path, len(pending.cells()))
+        sink = _ResultsSink(results, workspace)
+        for group in pending.groups:
+            run_group(workspace, pending, group, sink)
+        workspace.timed("total", start)
+        results.finish(workspace.timings)
     return results
