@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -95,18 +96,28 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def disk_error(error: OSError, path: Path | str, need: int | None = None) -> StorageError:
+def os_errno(error: BaseException) -> int | None:
+    """The OS error number of ``error``: an ``OSError``'s, or one quoted by a library that wraps it
+    (safetensors: ``... (os error 28)``)."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(error))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def disk_error(error: BaseException, path: Path | str, need: int | None = None) -> StorageError:
     """``error`` as one line naming ``path``, the reason, and (for a full disk) the space needed and free."""
     path = Path(error.filename) if getattr(error, "filename", None) else Path(path)
-    reason = DISK_ERRORS.get(error.errno, error.strerror or str(error))
+    code = os_errno(error)
+    reason = DISK_ERRORS.get(code, getattr(error, "strerror", None) or str(error))
     parts = [f"{reason} writing {path}"]
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if code in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(path.parent)
         need_text = f"this step needs about {human_bytes(need)}" if need else "this step needs more space"
         parts.append(need_text + (f", {human_bytes(free)} free there" if free is not None else ""))
         parts.append("free some space (or point --out / SVDBENCH_CACHE elsewhere) and run the same command "
                      "again: finished cells are kept")
-    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
         parts.append("give a writable directory")
     else:
         parts.append("check the disk, then run the same command again: finished cells are kept")
@@ -114,7 +125,7 @@ def disk_error(error: OSError, path: Path | str, need: int | None = None) -> Sto
 
 
 def is_disk_error(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in DISK_ERRORS
+    return os_errno(error) in DISK_ERRORS
 
 
 def _injected_fault(path: Path, need: int) -> None:
@@ -141,8 +152,8 @@ def guarded(path: Path | str, need: int | None = None) -> Iterator[None]:
         yield
     except StorageError:
         raise
-    except OSError as error:
-        if error.errno in DISK_ERRORS:
+    except Exception as error:  # OSError, or a library's error quoting one
+        if is_disk_error(error):
             raise disk_error(error, path, need) from None
         raise
 
@@ -334,6 +345,26 @@ def entry_lock(path: Path | str) -> Lock:
     """The lock a writer of cache entry ``path`` holds while it builds and publishes it (others wait)."""
     path = Path(path)
     return Lock(path.with_name(f".{path.name}.lock"), f"cache entry {path}")
+
+
+# --------------------------------------------------------------------------- sealed JSON
+
+SEAL = "checksum"
+
+
+def seal_digest(obj: dict) -> str:
+    body = {k: v for k, v in obj.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` with a ``checksum`` of everything else in it: a bit flip anywhere in the file is noticed."""
+    return {**{k: v for k, v in obj.items() if k != SEAL}, SEAL: seal_digest(obj)}
+
+
+def is_sealed(obj) -> bool:
+    """Whether ``obj`` is a dictionary whose ``checksum`` matches the rest of it."""
+    return isinstance(obj, dict) and obj.get(SEAL) == seal_digest(obj)
 
 
 # --------------------------------------------------------------------------- entries read by a run

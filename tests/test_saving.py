@@ -16,7 +16,7 @@ from bench.model.loaded import fingerprint
 from bench.model.loading import load_model
 from bench.model.saving import MANIFEST, WEIGHTS, directory_identity, load_compressed, save_compressed
 from bench.model.targets import find_targets
-from bench.storage import sha256_file
+from bench.storage import seal, sha256_file
 from methods.hybrid import quantize_targets
 
 IDS = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -69,8 +69,8 @@ def test_edited_weight_file_is_detected_even_with_a_fixed_checksum(tiny, tmp_pat
         load_compressed(tmp_path / "m")
     manifest_path = tmp_path / "m" / MANIFEST
     manifest = json.loads(manifest_path.read_text())
-    manifest["weights"][WEIGHTS] = manifest["files"][WEIGHTS] = sha256_file(weights)  # someone "repairs" the checksum
-    manifest_path.write_text(json.dumps(manifest))
+    manifest["weights"][WEIGHTS] = manifest["files"][WEIGHTS] = sha256_file(weights)  # someone "repairs" the checksums
+    manifest_path.write_text(json.dumps(seal(manifest)))
     with pytest.raises(UsageError, match="fingerprint"):
         load_compressed(tmp_path / "m")
 

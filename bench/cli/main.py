@@ -227,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         print("svdbench: interrupted; what was finished is kept - run the same command again to go on",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as error:  # a disk error no write guard caught: still one line, naming the path
-        from bench.storage import disk_error, is_disk_error
+    except Exception as error:  # a disk error no write guard caught: still one line, naming the path
+        from bench.storage import cache_root, disk_error, is_disk_error
 
         if not is_disk_error(error):
             raise
-        return _error(str(disk_error(error, error.filename or "?")))
+        return _error(str(disk_error(error, getattr(error, "filename", None) or cache_root())))
 
 
 def _error(message: str) -> int:

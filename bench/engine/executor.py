@@ -279,8 +279,8 @@ def _fail(sink: Sink, method: str, ratio: float | None, stage: str, error: Excep
     """Record a failed stage in ``failures`` (with the layer, where known); a full disk ends the run instead."""
     import traceback
 
-    if is_disk_error(error):
-        raise disk_error(error, getattr(error, "filename", None) or "?") from None
+    if is_disk_error(error):  # not the method's fault: the run stops (finished cells are kept)
+        raise disk_error(error, getattr(error, "filename", None) or cache_root()) from None
     stage = getattr(error, "stage", None) or stage
     layer = getattr(error, "layer", None)
     if layer is None:  # the calibration engine names the layer in its message

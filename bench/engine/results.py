@@ -57,7 +57,9 @@ from bench.storage import (
     entry_checksum,
     fsync_dir,
     guarded,
+    is_sealed,
     make_dir,
+    seal,
     sources,
     sweep_temporaries,
 )
@@ -88,12 +90,6 @@ def dumps(value, indent: int | None = None) -> str:
 
 def _line_checksum(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
-
-
-def data_checksum(data: dict) -> str:
-    """The checksum results.json carries over everything else in it."""
-    body = {k: v for k, v in data.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 class Journal:
@@ -198,7 +194,7 @@ class Results:
             data = json.loads(self.path.read_text())
             if not isinstance(data, dict) or not isinstance(data.get("records"), list):
                 problem = "it is not an svdbench results file"
-            elif "checksum" in data and data["checksum"] != data_checksum(data):
+            elif "checksum" in data and not is_sealed(data):
                 problem = "its checksum does not match"
         except (OSError, ValueError, UnicodeDecodeError) as error:
             problem = f"it is not valid JSON ({error})"
@@ -328,9 +324,7 @@ class Results:
                 "compressions": {e["id"]: e["info"] for e in self.journal.events if e["t"] == "compression"},
                 "failures": [e["failure"] for e in self.journal.events if e["t"] == "failure" and e["run"] == current],
                 "previous_records": previous}
-        data = strict(data)
-        data["checksum"] = data_checksum(data)
-        return data
+        return seal(strict(data))
 
     @property
     def records(self) -> list[dict]:

@@ -36,7 +36,9 @@ from bench.storage import (
     entry_lock,
     guarded,
     inside,
+    is_sealed,
     make_dir,
+    seal,
     sha256_file,
     sweep_temporaries,
     temporary_sibling,
@@ -110,7 +112,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"gguf_sha256": sha256_file(gguf), "files": files,
                 "weights": {name: digest for name, digest in files.items() if name.endswith(".safetensors")}}
-        atomic_write_text(tmp / SOURCE_META, json.dumps(meta, indent=1))  # the checksum, written last
+        atomic_write_text(tmp / SOURCE_META, json.dumps(seal(meta), indent=1))  # the checksums, written last
         problem = conversion_problem(tmp, meta["gguf_sha256"])
         if problem:
             raise OSError(5, f"the converted model does not verify after writing ({problem})", str(tmp))
@@ -138,6 +140,8 @@ def conversion_problem(out_dir: Path, gguf_sha: str) -> str | None:
         return f"{SOURCE_META} is missing"
     try:
         info = json.loads(meta.read_text())
+        if not is_sealed(info):
+            return f"{SOURCE_META} is corrupted (its checksum does not match)"
         files = info["files"]
         if info["gguf_sha256"] != gguf_sha:
             return "it was converted from another GGUF file"

@@ -51,7 +51,16 @@ from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.quantized import BITS, META_DTYPES, QuantizedLinear
 from bench.model.targets import set_module
-from bench.storage import atomic_write_text, entry_lock, guarded, make_dir, sha256_file, temporary_sibling
+from bench.storage import (
+    atomic_write_text,
+    entry_lock,
+    guarded,
+    is_sealed,
+    make_dir,
+    seal,
+    sha256_file,
+    temporary_sibling,
+)
 
 MANIFEST = "svdbench.json"
 WEIGHTS = "model.safetensors"
@@ -276,7 +285,8 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                     "ranks": ranks, "quantized": quantized, "fingerprint": fingerprint(model),
                     "weights": {WEIGHTS: files[WEIGHTS]}, "files": files}
-            atomic_write_text(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True, default=str))  # last
+            full = seal(json.loads(json.dumps(full, default=str)))  # a checksum of the manifest itself
+            atomic_write_text(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True))  # written last
             _verify_files(tmp, validate_manifest(tmp, json.loads((tmp / MANIFEST).read_text())))
             with guarded(out):
                 if out.exists():
@@ -305,8 +315,11 @@ def validate_manifest(path: Path, manifest) -> dict:
     """Check a manifest against the schema (no file or tensor is read); returns it."""
     where = str(path / MANIFEST)
     _check(isinstance(manifest, dict), where, "is not a JSON object")
-    missing = [k for k in ("format", "ranks", "quantized", "weights", "files", "fingerprint", "dtype") if k not in manifest]
-    if manifest.get("format") == 1 and missing == ["files"]:
+    if manifest.get("format") == FORMAT:
+        _check(is_sealed(manifest), where, "is corrupted or was edited (its checksum does not match)")
+    missing = [k for k in ("format", "ranks", "quantized", "weights", "files", "fingerprint", "dtype", "checksum")
+               if k not in manifest]
+    if manifest.get("format") == 1:
         raise ManifestError(f"{path} was saved by an older svdbench (format 1), whose manifest does not cover "
                             "config.json and the tokenizer; re-create it with svdbench compress")
     _check(not missing, where, f"lacks '{missing[0] if missing else ''}' (it was not written by svdbench compress)")
