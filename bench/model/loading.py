@@ -64,7 +64,17 @@ def _load_tokenizer_and_model(path: str, gguf_file: str | None, dtype: torch.dty
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if gguf_file:
+        return tokenizer, AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or unexpected or mismatched:  # transformers would fill the gaps with random weights
+        hint = ("; it looks like a model saved by svdbench without its svdbench.json"
+                if any(k.endswith((".up.weight", ".down.weight", ".packed")) for k in unexpected) else "")
+        raise ValueError(f"its weights do not fit its config.json ({len(missing)} missing, e.g. "
+                         f"{(missing or ['-'])[0]}; {len(unexpected)} unexpected; {len(mismatched)} of another "
+                         f"shape){hint}")
     return tokenizer, model
 
 
