@@ -131,16 +131,15 @@ def is_disk_error(error: BaseException) -> bool:
 def _injected_fault(path: Path, need: int) -> None:
     """``SVDBENCH_FAULT_DISK=DIR:BYTES``: behave as if DIR were a filesystem of BYTES bytes (tests)."""
     spec = os.environ.get("SVDBENCH_FAULT_DISK")
-    if not spec:
+    if not spec or not need:
         return
     root, _, size = spec.rpartition(":")
     root_path = Path(root).resolve()
     target = path.resolve()
     if root_path != target and root_path not in target.parents:
         return
-    used = sum(p.stat().st_size for p in root_path.rglob("*") if p.is_file()) if root_path.is_dir() else 0
-    old = target.stat().st_size if target.is_file() else 0
-    if used - old + need > int(size):
+    used = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root_path) for f in files)
+    if used + need > int(size):  # an atomic write's new copy sits beside the old one until the rename
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
