@@ -381,12 +381,14 @@ def sources() -> dict[str, str]:
     return dict(_SOURCES)
 
 
-def entry_checksum(checksum_file: Path | str) -> str | None:
-    """The checksum of the entry described by ``checksum_file`` when it verifies now; None when it does not.
+def entry_checksum(checksum_file: Path | str, verify: bool = True) -> str | None:
+    """The checksum of the entry described by ``checksum_file``; None when it is unreadable or (``verify``)
+    does not verify now.
 
     Two layouts: a JSON entry holding ``payload`` and its ``sha256``
     (:class:`JsonCache`), or a manifest listing ``files`` (name -> sha256)
-    of its directory; its checksum is then the hash of that list.
+    of its directory; its checksum is then the hash of that list. Without
+    ``verify`` only the checksum the entry claims is read (cheap).
     """
     path = Path(checksum_file)
     try:
@@ -394,29 +396,30 @@ def entry_checksum(checksum_file: Path | str) -> str | None:
         if not isinstance(entry, dict):
             return None
         if "payload" in entry:
-            return entry["sha256"] if JsonCache.digest(entry["payload"]) == entry.get("sha256") else None
+            ok = not verify or JsonCache.digest(entry["payload"]) == entry.get("sha256")
+            return entry["sha256"] if ok and isinstance(entry.get("sha256"), str) else None
         files = entry.get("files")
-        if isinstance(files, dict) and all(
-                isinstance(name, str) and inside(path.parent, name) and sha256_file(path.parent / name) == digest
-                for name, digest in files.items()):
-            return json_key(files)
+        if not isinstance(files, dict):
+            return None
+        if verify and not all(isinstance(name, str) and inside(path.parent, name)
+                              and sha256_file(path.parent / name) == digest for name, digest in files.items()):
+            return None
+        return json_key(files)
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    return None
 
 
-def changed_sources(recorded: dict[str, str]) -> list[str]:
-    """Entries of ``recorded`` that exist, verify, and now hold something else (results from them are stale).
+def entry_changed(checksum_file: Path | str, recorded: str) -> bool:
+    """Whether the entry exists, verifies, and now holds something other than what ``recorded`` describes.
 
     A missing or corrupt entry is not "changed": it is rebuilt when needed,
-    and a rebuild from the same inputs gives the same checksum.
+    and a rebuild from the same inputs gives the same checksum. Files are
+    hashed only when the claimed checksum differs from the recorded one.
     """
-    changed = []
-    for path, checksum in recorded.items():
-        current = entry_checksum(path) if Path(path).exists() else None
-        if current is not None and current != checksum:
-            changed.append(path)
-    return changed
+    if not Path(checksum_file).exists() or entry_checksum(checksum_file, verify=False) in (None, recorded):
+        return False
+    current = entry_checksum(checksum_file, verify=True)
+    return current is not None and current != recorded
 
 
 def inside(directory: Path | str, name: str) -> bool:
@@ -474,6 +477,7 @@ class JsonCache:
         path = self.path(fields)
         digest = self.digest(payload)
         make_dir(self.root)
+        sweep_temporaries(self.root)
         with entry_lock(path):
             atomic_write_text(path, json.dumps({"fields": fields, "payload": payload, "sha256": digest}, indent=1))
         note_source(path, digest)

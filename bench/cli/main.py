@@ -151,7 +151,7 @@ def _run(args, registry) -> int:
 def _compress(args, registry) -> int:
     from bench.api.configs import coerce_value
     from bench.engine.config import resolve_config
-    from bench.engine.executor import Workspace
+    from bench.engine.executor import Workspace, check_model_fits
     from bench.engine.plan import RATIO_DEFINITION, validate
     from bench.engine.provenance import package_versions
     from bench.model.loading import model_directory
@@ -162,6 +162,7 @@ def _compress(args, registry) -> int:
     validate(config, registry)
     check_output_directory(args.out, args.force, model_directory(config.model))  # before minutes of work
     workspace = Workspace(config, registry)
+    check_model_fits(config, workspace.loaded, registry, evaluate=False)
     method, compressed = workspace.compress(args.method, ratio)
     loaded = workspace.loaded
     summary = compressed.summary

@@ -1,9 +1,13 @@
 """Executing a plan: groups of cells, each a decomposition shared by its ratios, budgets and tasks.
 
-:func:`run` is the local executor: it loads the model, plans the run, drops
-the cells already in results.json, and runs the remaining groups one after
-the other in this process, writing every finished cell at once. A method
-that fails is recorded in ``failures`` and the others go on.
+:func:`run` is the local executor: it locks ``--out`` (one writer per
+output directory), opens its record journal, loads the model, plans the run,
+drops the cells already journaled, and runs the remaining groups one after
+the other in this process, journaling every finished cell at once
+(:mod:`bench.engine.results`). A method that fails - an exception, or NaN/inf
+in its statistics, factors, weights or outputs - is recorded in ``failures``
+with its stage and layer, and the others go on; a full disk ends the run with
+one line (finished cells are kept).
 
 :func:`run_group` executes one group on a :class:`Workspace` - what the
 groups of one process share: the loaded model, its targets, the calibration
@@ -421,11 +425,17 @@ def output_lock(out: str | Path) -> Lock:
     return Lock(Path(out) / LOCK_FILE, f"--out {out}")
 
 
-def check_model_fits(config: RunConfig, loaded: LoadedModel, registry: Registry) -> None:
-    """What can only be checked once the model is loaded: window lengths, and no compressing a compressed model."""
+def check_model_fits(config: RunConfig, loaded: LoadedModel, registry: Registry, evaluate: bool = True) -> None:
+    """What can only be checked once the model is loaded: window lengths (of the tasks that read ``--seqlen``
+    and of calibration), and no compressing a compressed model."""
     limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    settings = eval_settings(config)
+    windows = evaluate and any("seqlen" in registry.get("task", name).settings_key(settings) for name in config.tasks)
+    create = registry.method_factory(config.method_options)
+    calibrated = any(create(name).uses_calibration() for name in run_methods(config, registry))
     if isinstance(limit, int):
-        for flag, value in (("--seqlen", config.seqlen), ("--calib-seqlen", config.calibration.seqlen)):
+        for flag, value in (("--seqlen", config.seqlen if windows else 0),
+                            ("--calib-seqlen", config.calibration.seqlen if calibrated else 0)):
             if value > limit:
                 raise UsageError(f"{flag} {value} is longer than {loaded.name}'s max_position_embeddings {limit}; "
                                  f"use {flag} {limit} or less")

@@ -54,7 +54,7 @@ from bench.api.record import RESULTS_FILE, Record
 from bench.errors import UsageError
 from bench.storage import (
     atomic_write_text,
-    entry_checksum,
+    entry_changed,
     fsync_dir,
     guarded,
     is_sealed,
@@ -175,7 +175,7 @@ class Results:
         self.run_id = uuid.uuid4().hex[:12]
         self._manifest: dict = {}
         self._planned: set[str] | None = None
-        self._current: dict[str, str | None] = {}  # checksums of the cache entries done() looked at
+        self._changed: dict[tuple[str, str], bool] = {}  # (cache entry, checksum used) -> changed since?
         if not read_only:
             make_dir(self.out_dir)
             sweep_temporaries(self.out_dir)
@@ -267,10 +267,10 @@ class Results:
             return False
         changed = []
         for path, checksum in (cell.get("sources") or {}).items():
-            if path not in self._current:
-                self._current[path] = entry_checksum(path) if Path(path).exists() else None
-            if self._current[path] is not None and self._current[path] != checksum:
-                changed.append(path)  # a missing or corrupt entry is rebuilt, not "changed"
+            if (path, checksum) not in self._changed:
+                self._changed[path, checksum] = entry_changed(path, checksum)
+            if self._changed[path, checksum]:
+                changed.append(path)
         if changed:
             log.warning("cell %s was computed from %s, which has changed since; computing it again", key, changed[0])
             return False

@@ -150,6 +150,8 @@ def conversion_problem(out_dir: Path, gguf_sha: str) -> str | None:
         return f"{SOURCE_META} is missing"
     try:
         info = json.loads(meta.read_text())
+        if isinstance(info, dict) and "checksum" not in info:
+            return f"{SOURCE_META} was written by an older svdbench (it has no checksum)"
         if not is_sealed(info):
             return f"{SOURCE_META} is corrupted (its checksum does not match)"
         files = info["files"]

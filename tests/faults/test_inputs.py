@@ -14,7 +14,6 @@ from harness import REPO, cli_command, cli_env, read_results
 from test_disk_full import tmpfs_allowed
 
 from bench.cli import main
-from reports.format import percent
 
 TINY_RUN = ["--tasks", "wikitext2", "--limit", "1", "--seqlen", "32", "--calib-samples", "2", "--calib-seqlen", "32"]
 
@@ -204,6 +203,8 @@ def test_ratio_near_one_is_shown_as_it_is(model, tmp_path, capsys):
     assert record["ratio"] == 0.999
     report = (out / "report.md").read_text()
     assert "| svd | 99.9% |" in report and "| svd | 100% |" not in report
+    from reports.format import percent
+
     assert [percent(x) for x in (0.2, 0.999, 0.9999, 0.001, 0.0, 1.0)] == ["20%", "99.9%", "99.99%", "0.1%", "0%", "100%"]
 
 
@@ -221,3 +222,21 @@ def test_results_json_is_strict_json_even_for_non_finite_facts(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert data["manifest"]["note"] == "inf" and data["records"][0]["extra"]["x"] == "nan"
     assert data["compressions"]["c"]["facts"]["shift"] == "-inf"
+
+
+def test_nan_weights_stop_statistics_and_evaluation_with_the_layer(model, tmp_path, capsys):
+    """A model with one NaN weight: the dense cell and the calibration statistics fail, each naming a layer."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, line = cli(capsys, "run", "--model", model, "--methods", "svdllm_w", "--ratios", "0.4", *TINY_RUN,
+                     "--out", out)
+    assert code == 1 and line is None
+    data = read_results(out)
+    failures = {f["method"]: f for f in data["failures"]}
+    assert failures["svdllm_w"]["stage"] == "statistics" and failures["svdllm_w"]["layer"].startswith("model.layers.")
+    assert failures["dense"]["stage"] == "evaluate wikitext2" and failures["dense"]["layer"].startswith("model.layers.1")
+    assert data["records"] == []

@@ -17,7 +17,7 @@ from harness import REPO, cli_command, cli_env, read_results
 
 from bench.cli import main
 from bench.model.saving import MANIFEST, WEIGHTS
-from bench.storage import seal, sha256_file
+from bench.storage import sha256_file
 
 SOURCES = [p for package in ("bench", "methods", "tasks", "reports", "examples")
            for p in sorted((REPO / package).rglob("*.py"))]
@@ -60,6 +60,8 @@ def test_no_pickle_no_remote_code_no_eval(path):
 def test_tensor_names_cannot_escape_a_saved_model(checkpoint, tmp_path, capsys):
     """A safetensors file with an extra tensor named like a path, checksums and manifest 'repaired': refused."""
     from safetensors.torch import load_file, save_file
+
+    from bench.storage import seal
 
     saved = tmp_path / "saved"
     assert main(["compress", "--model", str(checkpoint), "--method", "svd", "--ratio", "0.4", "--out", str(saved)]) == 0
