@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import SMALL_RUN, make_tiny_checkpoint, svdbench, write_tiny_gguf  # noqa: E402
+from .harness import SMALL_RUN, make_tiny_checkpoint, svdbench, write_tiny_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import time
 
-from harness import (
+from .harness import (
     SMALL_RUN,
     cli_env,
     corrupt_cache_entries,

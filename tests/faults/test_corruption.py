@@ -17,10 +17,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import SMALL_RUN, corrupt_cache_entries, corrupt_files, journal_cells, read_results
 
 from bench.cli import main
 from bench.storage import JsonCache, sha256_file
+
+from .harness import SMALL_RUN, corrupt_cache_entries, corrupt_files, journal_cells, read_results
 
 TINY_RUN = ["--tasks", "wikitext2", "--limit", "1", "--seqlen", "32", "--calib-samples", "2", "--calib-seqlen", "32"]
 

@@ -17,7 +17,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from harness import REPO, SMALL_RUN, cli_command, cli_env, corrupt_files, journal_cells, read_results
+
+from .harness import REPO, SMALL_RUN, cli_command, cli_env, corrupt_files, journal_cells, read_results
 
 
 @cache

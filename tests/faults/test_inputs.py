@@ -10,10 +10,11 @@ import sys
 import textwrap
 
 import pytest
-from harness import REPO, cli_command, cli_env, read_results
-from test_disk_full import tmpfs_allowed
 
 from bench.cli import main
+
+from .harness import REPO, cli_command, cli_env, read_results
+from .test_disk_full import tmpfs_allowed
 
 TINY_RUN = ["--tasks", "wikitext2", "--limit", "1", "--seqlen", "32", "--calib-samples", "2", "--calib-seqlen", "32"]
 

@@ -7,7 +7,8 @@ import signal
 import time
 
 import pytest
-from harness import SMALL_RUN, corrupt_files, journal_cells, kill_sweep, read_results, start, svdbench
+
+from .harness import SMALL_RUN, corrupt_files, journal_cells, kill_sweep, read_results, start, svdbench
 
 
 def _sweep(checkpoint, tmp_path, points: int, seed: int):

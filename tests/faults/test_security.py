@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import REPO, cli_command, cli_env, read_results
 
 from bench.cli import main
 from bench.model.saving import MANIFEST, WEIGHTS
 from bench.storage import sha256_file
+
+from .harness import REPO, cli_command, cli_env, read_results
 
 SOURCES = [p for package in ("bench", "methods", "tasks", "reports", "examples")
            for p in sorted((REPO / package).rglob("*.py"))]
