@@ -111,6 +111,8 @@ def disk_error(error: BaseException, path: Path | str, need: int | None = None) 
     code = os_errno(error)
     reason = DISK_ERRORS.get(code, getattr(error, "strerror", None) or str(error))
     parts = [f"{reason} writing {path}"]
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        parts = [f"{path} (or a directory above it) is a file, not a directory"]
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(path.parent)
         need_text = f"this step needs about {human_bytes(need)}" if need else "this step needs more space"
