@@ -13,6 +13,8 @@ import ctypes.util
 import functools
 import gc
 
+from bench.interrupts import check as check_interrupt
+
 
 @functools.cache
 def _libc():
@@ -25,6 +27,7 @@ def _libc():
 def release_free_memory() -> None:
     """Collect garbage and hand the C allocator's free memory back to the OS (glibc only)."""
     gc.collect()
+    check_interrupt()  # a Ctrl-C that arrived inside a finalizer was swallowed there
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     if trim is not None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench import atomic_write_text
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -20,6 +23,17 @@ def fmt(value, digits: int = 4) -> str:
             return f"{value:,.0f}"
         return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.2f}"
     return str(value)
+
+
+def percent(value: float) -> str:
+    """A fraction as a percentage: ``0.4`` is 40%; decimals are added only where rounding would show
+    0% or 100% for a value strictly between (0.999 is 99.9%, never 100%)."""
+    text = f"{value:.0%}"
+    for digits in range(1, 6):
+        if not 0 < value < 1 or 0 < float(text[:-1]) < 100:
+            break
+        text = f"{value:.{digits}%}"
+    return text
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -43,7 +57,8 @@ class Table:
 
     def display_rows(self) -> list[list]:
         cols = [i for i, h in enumerate(self.header) if h in self.percent]
-        return [[f"{c:.0%}" if i in cols and isinstance(c, (int, float)) else c for i, c in enumerate(row)]
+        return [[percent(c) if i in cols and isinstance(c, (int, float)) and not isinstance(c, bool) else c
+                 for i, c in enumerate(row)]
                 for row in self.rows]
 
     def markdown(self) -> str:
@@ -53,7 +68,9 @@ class Table:
         return "\n".join(parts)
 
     def write_csv(self, path: Path) -> None:
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(self.csv_header or self.header)
-            writer.writerows(self.csv_rows if self.csv_rows is not None else self.rows)
+        """Written atomically (a killed run never leaves half a CSV)."""
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer)
+        writer.writerow(self.csv_header or self.header)
+        writer.writerows(self.csv_rows if self.csv_rows is not None else self.rows)
+        atomic_write_text(path, buffer.getvalue())

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bench", "methods", "tasks", "reports")
 PLUGIN_PACKAGES = ("methods", "tasks", "reports")
-LAYERS = (("bench.errors", "bench.storage", "bench.corpora", "bench.memory"), ("bench.model",), ("bench.api", "bench"),
+LAYERS = (("bench.errors", "bench.storage", "bench.corpora", "bench.memory", "bench.interrupts"), ("bench.model",), ("bench.api", "bench"),
           ("bench.engine",), ("bench.cli",))
 
 

@@ -10,8 +10,9 @@ from torch import nn
 from bench import LowRankLinear, factorize, uniform_ranks
 from bench.engine.compress import compress_model
 from bench.model.loaded import fingerprint
-from bench.model.loading import _cached_conversion_ok
+from bench.model.loading import conversion_problem
 from bench.model.targets import decoder_blocks, find_targets, footprint
+from bench.storage import seal
 
 EXPECTED_KINDS = {
     "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -70,15 +71,22 @@ def test_fingerprint_tells_models_apart():
 
 
 def test_conversion_cache_detects_corruption(tmp_path):
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"weights")
+    """Every file of the converted model - weights, config, tokenizer - is checked, not only the weights."""
     import hashlib
-    digest = hashlib.sha256(b"weights").hexdigest()
-    (tmp_path / "svdbench-source.json").write_text(json.dumps({"gguf_sha256": "g", "weights": {"model.safetensors": digest}}))
-    assert _cached_conversion_ok(tmp_path, "g")
-    assert not _cached_conversion_ok(tmp_path, "other-gguf")
-    weights.write_bytes(b"weightz")
-    assert not _cached_conversion_ok(tmp_path, "g")
+
+    files = {"model.safetensors": b"weights", "config.json": b"{}", "tokenizer.json": b"{}"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    meta = {"gguf_sha256": "g", "files": digests, "weights": {"model.safetensors": digests["model.safetensors"]}}
+    (tmp_path / "svdbench-source.json").write_text(json.dumps(seal(meta)))
+    assert conversion_problem(tmp_path, "g") is None
+    assert "another GGUF" in conversion_problem(tmp_path, "other-gguf")
+    (tmp_path / "config.json").write_bytes(b'{"rope_theta": 1.0}')
+    assert "config.json does not match its checksum" in conversion_problem(tmp_path, "g")
+    (tmp_path / "config.json").write_bytes(b"{}")
+    (tmp_path / "tokenizer.json").unlink()
+    assert "tokenizer.json is missing" in conversion_problem(tmp_path, "g")
 
 
 @pytest.mark.real_model

@@ -12,10 +12,11 @@ from bench import LowRankLinear, QuantizedLinear, factorize, uniform_ranks
 from bench.cli import main
 from bench.engine.compress import compress_model
 from bench.errors import UsageError
+from bench.model.loaded import fingerprint
 from bench.model.loading import load_model
-from bench.model.saving import MANIFEST, WEIGHTS, load_compressed, save_compressed
+from bench.model.saving import MANIFEST, WEIGHTS, directory_identity, load_compressed, save_compressed
 from bench.model.targets import find_targets
-from bench.storage import sha256_file
+from bench.storage import seal, sha256_file
 from methods.hybrid import quantize_targets
 
 IDS = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -45,7 +46,8 @@ def test_round_trip_gives_identical_logits(tiny, tmp_path, bits):
     assert LowRankLinear in kinds and (QuantizedLinear in kinds) == bool(bits)
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
     assert manifest["method"] == "svd" and len(manifest["ranks"]) == len(find_targets(tiny.model))
-    assert loaded.identity == manifest["fingerprint"]
+    assert fingerprint(loaded.model) == manifest["fingerprint"]  # the weights are the saved ones
+    assert loaded.identity == directory_identity(loaded.model, tmp_path / "m")  # the identity covers config/tokenizer
     assert not list((tmp_path / "m").glob("*.bin")) and not list((tmp_path / "m").glob("*.pt"))
 
 
@@ -67,8 +69,8 @@ def test_edited_weight_file_is_detected_even_with_a_fixed_checksum(tiny, tmp_pat
         load_compressed(tmp_path / "m")
     manifest_path = tmp_path / "m" / MANIFEST
     manifest = json.loads(manifest_path.read_text())
-    manifest["weights"][WEIGHTS] = sha256_file(weights)  # someone "repairs" the checksum
-    manifest_path.write_text(json.dumps(manifest))
+    manifest["weights"][WEIGHTS] = manifest["files"][WEIGHTS] = sha256_file(weights)  # someone "repairs" the checksums
+    manifest_path.write_text(json.dumps(seal(manifest)))
     with pytest.raises(UsageError, match="fingerprint"):
         load_compressed(tmp_path / "m")
 

@@ -4,8 +4,10 @@ A config's type hints say how each value is read: ``bool`` (``true``/``1``/
 ``yes``), ``int``, ``float``, ``str``, ``Literal[...]`` (one of the listed
 values), ``tuple[float, ...]`` or ``list[int]`` (a JSON list or a comma-
 separated string), ``X | None`` (``none`` or an ``X``) and nested dataclass
-configs (a JSON object, or dotted keys: ``quantizer.bits=3``). Every error is
-one line that names the setting and what would be right.
+configs (a JSON object, or dotted keys: ``quantizer.bits=3``). A ``float``
+must be finite: ``nan``, ``inf`` and ``1e400`` are refused here, in one place,
+for every method, task and run setting. Every error is one line that names
+the setting and what would be right.
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ def coerce_value(hint, raw: Any, where: str) -> Any:
             value = float(raw)
         except (TypeError, ValueError):
             raise bad from None
-        if math.isnan(value):
-            raise UsageError(f"{where}={raw!r} is not a number")
+        if not math.isfinite(value):  # nan, inf and overflowing literals (1e400) alike
+            raise UsageError(f"{where}={raw!r} is not a finite number; give an ordinary value, e.g. {where}=0.5")
         return value
     if hint is str:
         if isinstance(raw, (dict, list)):

@@ -2,9 +2,11 @@
 
 ``run``, ``compress``, ``report`` and ``plugins`` are the host's own
 commands; plugins add more through the ``register_commands`` hook (the
-reports plugin adds ``compare``, ``check`` and ``baseline``). Bad input ends
-in one line on stderr and exit status 2; a run in which a method failed
-exits with 1.
+reports plugin adds ``compare``, ``check`` and ``baseline``). Bad input - and
+a full disk, an I/O error, an unreadable file, an ``--out`` in use by another
+run - ends in one line on stderr and exit status 2; a run in which a method
+failed exits with 1; Ctrl-C ends in one line and exit status 130 (finished
+cells are kept: the same command resumes).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import sys
 from pathlib import Path
 
 from bench.errors import UsageError
+from bench.interrupts import install as install_interrupt_handler
 
 EXIT_USAGE = 2
 EXIT_FAILURES = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 SUPPRESS = argparse.SUPPRESS
 
 
@@ -84,7 +88,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     compress.add_argument("--model", default=SUPPRESS, help="smollm2-135m (default), a Hugging Face model directory or a .gguf file")
     compress.add_argument("--method", required=True, help="a method name (see svdbench plugins)")
     compress.add_argument("--ratio", required=True, help="fraction of parameters removed, e.g. 0.4")
-    compress.add_argument("--out", required=True, help="directory to write; load it back with --model DIR")
+    compress.add_argument("--out", required=True, help="directory to write (new or empty); load it back with --model DIR")
+    compress.add_argument("--force", action="store_true",
+                          help="replace --out when it already holds a model saved by svdbench")
     _calibration_flags(compress)
 
     sub.add_parser("plugins", help="print the loaded plugins, their hooks and versions as JSON")
@@ -107,7 +113,7 @@ def _explicit(args: argparse.Namespace) -> dict:
     """The run settings given on the command line, nested like :class:`RunConfig`."""
     explicit: dict = {}
     for dest, value in vars(args).items():
-        if dest in ("command", "plugins_dir", "verbose", "profile", "with_published", "method", "ratio"):
+        if dest in ("command", "plugins_dir", "verbose", "profile", "with_published", "method", "ratio", "force"):
             continue
         if dest == "method_options":
             value = _method_options(value)
@@ -122,8 +128,11 @@ def _explicit(args: argparse.Namespace) -> dict:
 
 
 def _write_report(registry, data: dict, out_dir: Path, with_published: bool) -> list[Path]:
-    written = [path for paths in registry.hook.write_report(results=data, out_dir=out_dir,
-                                                            with_published=with_published) for path in paths]
+    from bench.storage import guarded
+
+    with guarded(out_dir / "report.md"):
+        written = [path for paths in registry.hook.write_report(results=data, out_dir=out_dir,
+                                                                with_published=with_published) for path in paths]
     if not written:
         raise UsageError("no report plugin is installed; reinstall svdbench (its reports plugin renders report.md)")
     return written
@@ -131,13 +140,14 @@ def _write_report(registry, data: dict, out_dir: Path, with_published: bool) -> 
 
 def _run(args, registry) -> int:
     from bench.engine.config import resolve_config
-    from bench.engine.executor import run
+    from bench.engine.executor import output_lock, run
 
     config = resolve_config(args.profile, _explicit(args))
     if args.profile:
         logging.getLogger("svdbench").info("profile %s", args.profile)
-    results = run(config, registry)
-    paths = _write_report(registry, results.data, Path(config.out), args.with_published)
+    with output_lock(config.out).acquire(wait=False):  # held through the report too: one writer per --out
+        results = run(config, registry)
+        paths = _write_report(registry, results.data, Path(config.out), args.with_published)
     print(paths[0].read_text())
     print("wrote", ", ".join(str(p) for p in [results.path, *paths]))
     return EXIT_FAILURES if results.data["failures"] else 0
@@ -146,15 +156,18 @@ def _run(args, registry) -> int:
 def _compress(args, registry) -> int:
     from bench.api.configs import coerce_value
     from bench.engine.config import resolve_config
-    from bench.engine.executor import Workspace
+    from bench.engine.executor import Workspace, check_model_fits
     from bench.engine.plan import RATIO_DEFINITION, validate
     from bench.engine.provenance import package_versions
-    from bench.model.saving import save_compressed
+    from bench.model.loading import model_directory
+    from bench.model.saving import check_output_directory, save_compressed
 
     ratio = coerce_value(float, args.ratio, "--ratio")
     config = resolve_config(None, {**_explicit(args), "methods": [args.method], "ratios": [ratio]})
     validate(config, registry)
+    check_output_directory(args.out, args.force, model_directory(config.model))  # before minutes of work
     workspace = Workspace(config, registry)
+    check_model_fits(config, workspace.loaded, registry, evaluate=False)
     method, compressed = workspace.compress(args.method, ratio)
     loaded = workspace.loaded
     summary = compressed.summary
@@ -164,7 +177,7 @@ def _compress(args, registry) -> int:
                                  "identity": loaded.identity, **loaded.info},
                 "ratio_definition": RATIO_DEFINITION, "accounting": summary, "layers": compressed.layers,
                 "facts": compressed.facts, "versions": package_versions(), "timings": workspace.timings}
-    out = save_compressed(compressed.model, loaded.tokenizer, args.out, manifest)
+    out = save_compressed(compressed.model, loaded.tokenizer, args.out, manifest, force=args.force)
     print(f"wrote {out}: {args.method} at ratio {ratio}, {summary['params']} parameters, {summary['bytes']} bytes "
           f"(dense {summary['dense_params']} / {summary['dense_bytes']})")
     return 0
@@ -176,9 +189,9 @@ def _plugins(args, registry) -> int:
 
 
 def _report(args, registry) -> int:
-    from bench.api.record import load_results
+    from bench.engine.results import load_rendered
 
-    for path in _write_report(registry, load_results(args.dir), Path(args.dir), args.with_published):
+    for path in _write_report(registry, load_rendered(args.dir), Path(args.dir), args.with_published):
         print("wrote", path)
     return 0
 
@@ -233,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    install_interrupt_handler()  # Ctrl-C is never swallowed by a finalizer
     try:
         from bench.engine.plugins import load_registry
 
@@ -249,8 +263,23 @@ def main(argv: list[str] | None = None) -> int:
         prefix = [f"--plugins-dir={d}" for d in plugins_dirs]
         return registry.commands[args.command].run(args, lambda more: main(prefix + list(more)))
     except UsageError as error:
-        print(f"svdbench: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(str(error))
+    except KeyboardInterrupt:
+        print("svdbench: interrupted; what was finished is kept - run the same command again to go on",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a disk error no write guard caught: still one line, naming the path
+        from bench.storage import cache_root, disk_error, is_disk_error
+
+        if not is_disk_error(error):
+            raise
+        return _error(str(disk_error(error, getattr(error, "filename", None) or cache_root())))
+
+
+def _error(message: str) -> int:
+    """One line on stderr (a message's own line breaks folded), exit status 2."""
+    print("svdbench: error: " + " ".join(message.split()), file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

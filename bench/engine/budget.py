@@ -44,8 +44,8 @@ def parse_budget(spec: str) -> tuple[str, float]:
         number = float(match.group(1))
     except ValueError:
         raise UsageError(f"budget {spec!r} is not a number; e.g. --budgets 0.9,0.75 or --budgets 300MB") from None
-    if number <= 0:
-        raise UsageError(f"budget {spec!r} must be positive")
+    if not 0 < number < float("inf") or not 0 < number * _UNITS[unit] < 2**63:
+        raise UsageError(f"budget {spec!r} must be a positive, finite size; e.g. --budgets 0.9,0.75 or --budgets 300MB")
     if not unit and number <= 1.0:
         return "fraction", number
     return "bytes", number * _UNITS[unit]

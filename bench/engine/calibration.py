@@ -44,7 +44,7 @@ from bench.api.statistic import CalibrationStats, Statistic
 from bench.corpora import calibration_checksum, calibration_text
 from bench.engine.config import CalibrationConfig
 from bench.engine.stores import Entry, EntryWriter, LazyTensors, block_file, open_entry, store_root
-from bench.errors import UsageError
+from bench.errors import NonFinite, UsageError
 from bench.model.targets import Target, decoder_blocks, execution_device
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def gradient_statistics(model: nn.Module, targets: list[Target], windows: torch.
             with torch.enable_grad(), _passing_through(blocks, last, tuple_output):
                 loss = model(ids, labels=ids, use_cache=False).loss  # HF shifts the labels itself
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite calibration loss ({float(loss)}) on the original model")
+                raise NonFinite(None, "statistics", f"calibration loss ({float(loss)}) on the original model")
             (grad,) = torch.autograd.grad(loss, last)
             for index in reversed(range(len(blocks))):
                 block = blocks[index]
@@ -266,8 +266,8 @@ def _check_finite(results: dict[str, dict[str, torch.Tensor]], where: str) -> No
     for name, table in results.items():
         for key, tensor in table.items():
             if not torch.isfinite(tensor).all():
-                raise FloatingPointError(f"statistic '{name}' is non-finite for {key} ({where}); "
-                                         "the original model produces NaN/inf on the calibration text")
+                raise NonFinite(key, "statistics", f"statistic '{name}' ({where}; the original model produces NaN/inf "
+                                                   "on the calibration text)")
 
 
 # --------------------------------------------------------------------------- collection with the store

@@ -92,6 +92,9 @@ class RunConfig:
             raise UsageError("--methods is empty; give method names, 'all' or 'none'")
         if not self.tasks:
             raise UsageError("--tasks is empty; give task names, e.g. --tasks wikitext2")
+        if not self.ratios and not self.budgets and list(self.methods) != ["none"]:
+            raise UsageError("--ratios is empty and no --budgets are given, so no method would run; "
+                             "give ratios, e.g. --ratios 0.2,0.4, or --methods none for only the dense model")
         if not isinstance(self.method_options, dict) or not all(
                 isinstance(v, dict) for v in self.method_options.values()):
             raise UsageError("method_options must map method names to objects of settings, "

@@ -1,9 +1,13 @@
 """Executing a plan: groups of cells, each a decomposition shared by its ratios, budgets and tasks.
 
-:func:`run` is the local executor: it loads the model, plans the run, drops
-the cells already in results.json, and runs the remaining groups one after
-the other in this process, writing every finished cell at once. A method
-that fails is recorded in ``failures`` and the others go on.
+:func:`run` is the local executor: it locks ``--out`` (one writer per
+output directory), opens its record journal, loads the model, plans the run,
+drops the cells already journaled, and runs the remaining groups one after
+the other in this process, journaling every finished cell at once
+(:mod:`bench.engine.results`). A method that fails - an exception, or NaN/inf
+in its statistics, factors, weights or outputs - is recorded in ``failures``
+with its stage and layer, and the others go on; a full disk ends the run with
+one line (finished cells are kept).
 
 :func:`run_group` executes one group on a :class:`Workspace` - what the
 groups of one process share: the loaded model, its targets, the calibration
@@ -16,10 +20,12 @@ calls.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -50,13 +56,13 @@ from bench.engine.plugins import Registry, load_registry
 from bench.engine.provenance import git_revision, package_versions
 from bench.engine.results import Results
 from bench.engine.stores import EntryWriter, factor_tensors, open_entry, store_root, stored_factorizations
-from bench.errors import UsageError
+from bench.errors import NonFinite, UsageError
 from bench.memory import release_free_memory
 from bench.model.checkpoint import Checkpoint
 from bench.model.loaded import LoadedModel
 from bench.model.loading import load_model, reload_weights
 from bench.model.targets import find_targets, footprint
-from bench.storage import cache_root, json_key
+from bench.storage import Lock, cache_root, disk_error, is_disk_error, json_key
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +255,9 @@ class Workspace:
                                   device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
                 try:
                     for target in block_targets:
-                        factorization = method.decompose(target, context.weight(target), context, method.config)
+                        with at_layer(target.name):
+                            factorization = method.decompose(target, context.weight(target), context, method.config)
+                            check_finite(factorization.s, target.name, "decompose", "singular values")
                         writers[key].write_part(factor_tensors(target.name, factorization))
                         shapes[key][target.name] = list(factorization.shape)
                         if factorization.facts:
@@ -325,6 +333,37 @@ class Workspace:
         return method, compressed
 
 
+# --------------------------------------------------------------------------- bad numbers and failures
+
+def check_finite(tensor: torch.Tensor, layer: str | None, stage: str, what: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise NonFinite(layer, stage, what)
+
+
+class at_layer:
+    """Tags an error raised inside with the layer it happened in (for the failure record)."""
+
+    def __init__(self, layer: str):
+        self.layer = layer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, _tb):
+        if isinstance(error, Exception) and getattr(error, "layer", None) is None:
+            try:
+                error.layer = self.layer
+            except AttributeError:  # exceptions with __slots__
+                pass
+        return False
+
+
+def check_model_finite(model, stage: str) -> None:
+    """Every floating-point parameter and buffer of a compressed model is finite; else which layer is not."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        check_finite(tensor.detach(), name.rpartition(".")[0], stage, f"weights ({name.rpartition('.')[2]})")
+
+
 # --------------------------------------------------------------------------- one group
 
 def _records(workspace: Workspace, task: Task, cell: Cell, measurements: list[Measurement], summary: dict,
@@ -350,6 +389,12 @@ def _evaluate(workspace: Workspace, sink: Sink, model, cells: list[Cell], summar
         label = f"evaluate:{cell.method}:{ratio}:{cell.task}"
         seconds = workspace.timed(label, start)
         sink.add_timing(label, seconds)
+        bad = [m for m in measurements if not (isinstance(m.value, (int, float)) and math.isfinite(m.value))]
+        if bad:  # a NaN/inf never becomes a record: the cell fails (and is tried again by the next run)
+            error = NonFinite(bad[0].extra.get("nonfinite_source"), f"evaluate {cell.task}",
+                              f"{cell.task} {bad[0].metric} ({bad[0].value})")
+            _fail(sink, cell.method, ratio if method else None, f"evaluate {cell.task}", error)
+            continue
         sink.add(_records(workspace, task, cell, measurements, summary, seconds, method, compression, ratio, budget))
         release_free_memory()
         log.info("%s %.2f %s: %s", cell.method, ratio, cell.task,
@@ -357,12 +402,17 @@ def _evaluate(workspace: Workspace, sink: Sink, model, cells: list[Cell], summar
 
 
 def _fail(sink: Sink, method: str, ratio: float | None, stage: str, error: Exception) -> None:
+    """Record a failed stage in ``failures`` (with the layer, where known); a full disk ends the run instead."""
     import traceback
 
-    log.error("%s%s failed during %s: %s: %s", method, f" at ratio {ratio}" if ratio is not None else "",
-              stage, type(error).__name__, error)
-    sink.add_failure({"method": method, "ratio": ratio, "stage": stage, "error": f"{type(error).__name__}: {error}",
-                      "traceback": traceback.format_exc(limit=6)})
+    if is_disk_error(error):  # not the method's fault: the run stops (finished cells are kept)
+        raise disk_error(error, getattr(error, "filename", None) or cache_root()) from None
+    stage = getattr(error, "stage", None) or stage
+    layer = getattr(error, "layer", None)
+    log.error("%s%s failed during %s%s: %s: %s", method, f" at ratio {ratio}" if ratio is not None else "",
+              stage, f" at {layer}" if layer else "", type(error).__name__, error)
+    sink.add_failure({"method": method, "ratio": ratio, "stage": stage, "layer": layer,
+                      "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=6)})
 
 
 def _run_point(workspace: Workspace, sink: Sink, method: Method, factorizations: Mapping[str, Factorization],
@@ -386,6 +436,7 @@ def _run_point(workspace: Workspace, sink: Sink, method: Method, factorizations:
         else:
             compressed = build_compressed(method, ratio, factorizations, context, workspace.dense_footprint,
                                           assemble=assemble)
+        check_model_finite(compressed.model, "compress")
         label = f"compress:{method.name}:" + (f"budget={budget_spec}" if budget_spec else f"{ratio}")
         sink.add_timing(label, workspace.timed(label, start))
         compression_id = record_key(model=workspace.loaded.identity, method=method.name,
@@ -503,33 +554,64 @@ def plan_run(config: RunConfig, registry: Registry, workspace: Workspace) -> Pla
     return make_plan(config, registry, workspace.loaded.identity, workspace.dense_footprint["bytes"])
 
 
+LOCK_FILE = ".svdbench.lock"
+
+
+def output_lock(out: str | Path) -> Lock:
+    """The lock of an output directory: one writer per ``--out`` (a second run fails at once, naming the first)."""
+    return Lock(Path(out) / LOCK_FILE, f"--out {out}")
+
+
+def check_model_fits(config: RunConfig, loaded: LoadedModel, registry: Registry, evaluate: bool = True) -> None:
+    """What can only be checked once the model is loaded: window lengths (of the tasks that read ``--seqlen``
+    and of calibration), and no compressing a compressed model."""
+    limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    settings = eval_settings(config)
+    windows = evaluate and any("seqlen" in registry.get("task", name).settings_key(settings) for name in config.tasks)
+    create = registry.method_factory(config.method_options)
+    calibrated = any(create(name).uses_calibration() for name in run_methods(config, registry))
+    if isinstance(limit, int):
+        for flag, value in (("--seqlen", config.seqlen if windows else 0),
+                            ("--calib-seqlen", config.calibration.seqlen if calibrated else 0)):
+            if value > limit:
+                raise UsageError(f"{flag} {value} is longer than {loaded.name}'s max_position_embeddings {limit}; "
+                                 f"use {flag} {limit} or less")
+    compressed = loaded.info.get("compressed")
+    if compressed and run_methods(config, registry):
+        raise UsageError(f"{loaded.name} is already compressed ({compressed.get('method')}); evaluate it with "
+                         "--methods none, or compress the original model")
+
+
 def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel | None = None) -> Results:
-    """Run ``config`` into ``config.out`` in this process, resuming what is already there."""
+    """Run ``config`` into ``config.out`` in this process, resuming what is already there.
+
+    The output directory is locked for the whole run; every finished cell is
+    journaled at once (:mod:`bench.engine.results`).
+    """
     start = time.perf_counter()
     registry = registry or load_registry(config.plugins_dirs)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {config.device} but CUDA is not available; use --device cpu")
     validate(config, registry)
-    workspace = Workspace(config, registry, loaded)
-    plan = plan_run(config, registry, workspace)
-    results = Results(config.out)
-    results.keep_only(plan.keys())
-    results.manifest.update(manifest(config, registry, workspace, plan))
-    results.save()
-    pending = plan.pending(results.done)
-    skipped = len(plan.cells()) - len(pending.cells())
-    if skipped:
-        log.info("%d of %d cells already in %s; computing the other %d", skipped, len(plan.cells()), results.path,
-                 len(pending.cells()))
-    sink = _ResultsSink(results, workspace)
-    for group in pending.groups:
-        if group.methods != (DENSE,) and not getattr(workspace, "_prepared", False):
-            # every pending decomposition in one pass over the blocks, while the dense model is in memory
-            methods = [workspace.create(name) for g in pending.groups for name in g.methods if name != DENSE]
-            _prepare(workspace, methods, plan.statistics, sink)
-            workspace._prepared = True
-        run_group(workspace, pending, group, sink)
-    workspace.timed("total", start)
-    results.manifest["timings"] = workspace.timings
-    results.save()
+    with output_lock(config.out).acquire(wait=False):
+        results = Results(config.out)  # before the model loads: a bad --out fails in a second, not minutes
+        workspace = Workspace(config, registry, loaded)
+        check_model_fits(config, workspace.loaded, registry)
+        plan = plan_run(config, registry, workspace)
+        results.begin(manifest(config, registry, workspace, plan), plan.keys())
+        pending = plan.pending(results.done)
+        skipped = len(plan.cells()) - len(pending.cells())
+        if skipped:
+            log.info("%d of %d cells already in %s; computing the other %d", skipped, len(plan.cells()),
+                     results.path, len(pending.cells()))
+        sink = _ResultsSink(results, workspace)
+        for group in pending.groups:
+            if group.methods != (DENSE,) and not getattr(workspace, "_prepared", False):
+                # every pending decomposition in one pass over the blocks, while the dense model is in memory
+                methods = [workspace.create(name) for g in pending.groups for name in g.methods if name != DENSE]
+                _prepare(workspace, methods, plan.statistics, sink)
+                workspace._prepared = True
+            run_group(workspace, pending, group, sink)
+        workspace.timed("total", start)
+        results.finish(workspace.timings)
     return results

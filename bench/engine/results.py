@@ -1,72 +1,356 @@
-"""``results.json``: the one file every report, CSV and plot is rendered from.
+"""``results.json`` and the record journal it is rendered from.
 
-Layout::
+Layout of results.json::
 
     {"manifest": {config, model, versions, git revision, seeds, data checksums,
                   methods and tasks (what reports need to know of them), timings},
      "records": [Record.to_dict(), ...],
      "compressions": {id: {method, ratio, config, summary, facts, per-matrix ranks and params}},
-     "failures": [{method, ratio, stage, error}], "previous_records": [...]}
+     "failures": [{method, ratio, stage, layer, error}], "previous_records": [...],
+     "checksum": sha256 of everything else}
 
-The file is rewritten atomically after every finished cell, so an
-interrupted run keeps every finished record; a record's ``key`` is its
-cell's resume key, and a re-run with the same ``--out`` reuses records whose
-key matches instead of recomputing them. Records of an earlier run with other
-settings move to ``previous_records``: kept, but not reported.
+**The journal** (``journal.jsonl`` in the same directory) is the truth: an
+append-only file of one JSON line per event - a run's start (its manifest and
+planned cells), a finished cell (its records and the checksums of the cache
+entries it was computed from), a compression, a failure, a run's end. Each
+line carries its own checksum and is fsync'd before the next cell starts, so
+a kill -9 loses at most the cell being computed. ``results.json`` is rendered
+from the journal and replaced atomically after every event.
+
+Recovery, every time a run opens its ``--out``:
+
+- a torn last line (a kill mid-write) is dropped with a warning;
+- a corrupt line elsewhere stops the run with one line naming the file, the
+  line and the fix (delete the line; the cell it held is computed again
+  unless results.json still has it);
+- a results.json that is not valid JSON or fails its checksum is moved aside
+  (``results.json.corrupt-<time>``) and rebuilt from the journal;
+- records of a valid results.json that the journal lacks (a results.json from
+  before the journal existed, or a journal line deleted as advised) are
+  copied into the journal.
+
+A record's ``key`` is its cell's resume key: a re-run with the same ``--out``
+skips cells whose key is in the journal - unless a cache entry the cell was
+computed from has changed since (then it is computed again). Records of an
+earlier run with other settings go to ``previous_records``: kept, not
+reported. Non-finite numbers never reach the file as bare ``NaN``/``Infinity``
+(results.json is strict JSON): anywhere but a record's value they are written
+as the strings ``"nan"``, ``"inf"``, ``"-inf"``; a non-finite value is a
+failure, not a record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
+import os
+import time
+import uuid
 from pathlib import Path
 
-from bench.api.record import RESULTS_FILE, Record, load_results
-from bench.storage import atomic_write_text
+from bench.api.record import RESULTS_FILE, Record
+from bench.errors import UsageError
+from bench.interrupts import check as check_interrupt
+from bench.storage import (
+    atomic_write_text,
+    entry_changed,
+    fsync_dir,
+    guarded,
+    is_sealed,
+    make_dir,
+    seal,
+    sources,
+    sweep_temporaries,
+)
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "journal.jsonl"
+JOURNAL_FORMAT = 1
+
+
+def strict(value):
+    """``value`` with every non-finite float as a string, so ``json.dumps(allow_nan=False)`` accepts it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return strict(json.loads(json.dumps(value, default=str)))  # numpy scalars, paths, ...
+
+
+def dumps(value, indent: int | None = None) -> str:
+    """Strict JSON (no NaN/Infinity literals), keys sorted within each object as given."""
+    return json.dumps(strict(value), indent=indent, allow_nan=False)
+
+
+def _line_checksum(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
+
+
+class Journal:
+    """The append-only record journal of one output directory (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.events: list[dict] = []
+
+    def read(self, repair: bool) -> list[dict]:
+        """Every event; a torn last line is dropped (and cut off the file when ``repair``)."""
+        if not self.path.exists():
+            self.events = []
+            return self.events
+        with guarded(self.path):
+            raw = self.path.read_bytes()
+        complete, _, torn = raw.rpartition(b"\n")
+        if torn:
+            log.warning("%s: dropping a partly written last line (%d bytes; a run was killed while writing it)",
+                        self.path, len(torn))
+            if repair:
+                with guarded(self.path), open(self.path, "r+b") as handle:
+                    handle.truncate(len(complete) + 1 if complete else 0)
+                    os.fsync(handle.fileno())
+        events, bad = [], []
+        for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
+            try:
+                event = json.loads(line)
+                body = {k: v for k, v in event.items() if k != "crc"}
+                if event.get("crc") != _line_checksum(body) or "t" not in body:
+                    raise ValueError("checksum mismatch")
+            except (ValueError, TypeError, AttributeError):
+                bad.append(number)
+                continue
+            events.append(body)
+        if bad:
+            numbers = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            script = ";".join(f"{n}d" for n in bad)
+            raise UsageError(f"{self.path} line{'s' if len(bad) > 1 else ''} {numbers} "
+                             f"{'are' if len(bad) > 1 else 'is'} corrupted; delete "
+                             f"{'them' if len(bad) > 1 else 'it'} (sed -i '{script}' {self.path}) and run the "
+                             "same command again: cells still in results.json are kept, the others are computed again")
+        self.events = events
+        return events
+
+    def append(self, event: dict) -> None:
+        """Append one event as one line and fsync it; on failure the file is cut back to what it was."""
+        body = {**event, "v": JOURNAL_FORMAT}
+        line = (json.dumps({**body, "crc": _line_checksum(body)}, allow_nan=False) + "\n").encode()
+        new = not self.path.exists()
+        with guarded(self.path, len(line)):
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    written = os.write(fd, line)
+                    if written != len(line):
+                        raise OSError(28, "No space left on device", str(self.path))
+                    os.fsync(fd)
+                except BaseException:
+                    os.ftruncate(fd, size)  # never leave half a line behind
+                    raise
+            finally:
+                os.close(fd)
+        if new:
+            fsync_dir(self.path.parent)
+        self.events.append(body)
 
 
 class Results:
-    """A results.json being written, loaded from ``out_dir`` when it exists."""
+    """The results of one output directory: its journal, and results.json rendered from it.
 
-    def __init__(self, out_dir: Path | str):
+    Opening it repairs what a crash can leave (see the module docstring);
+    the caller holds the directory's lock (:func:`bench.engine.executor.run`)
+    unless ``read_only``.
+    """
+
+    def __init__(self, out_dir: Path | str, read_only: bool = False):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / RESULTS_FILE
-        self.data = {"manifest": {}, "records": [], "compressions": {}, "failures": [], "previous_records": []}
-        if self.path.exists():
-            self.data.update(load_results(self.path))
-        self.data["failures"] = []  # failures are re-evaluated by every run
-        self._keys = {r.get("key") for r in self.records}
+        self.journal = Journal(self.out_dir / JOURNAL)
+        self.read_only = read_only
+        self.run_id = uuid.uuid4().hex[:12]
+        self._manifest: dict = {}
+        self._planned: set[str] | None = None
+        self._changed: dict[tuple[str, str], bool] = {}  # (cache entry, checksum used) -> changed since?
+        if not read_only:
+            make_dir(self.out_dir)
+            sweep_temporaries(self.out_dir)
+        self.journal.read(repair=not read_only)
+        self._salvage(self._read_results_file())
+        self._rebuild()
+
+    # ------------------------------------------------------------------ opening
+
+    def _read_results_file(self) -> dict | None:
+        """A valid results.json's data; a corrupt one is moved aside (kept) and None returned."""
+        if not self.path.exists():
+            return None
+        problem = None
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+                problem = "it is not an svdbench results file"
+            elif "checksum" in data and not is_sealed(data):
+                problem = "its checksum does not match"
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            problem = f"it is not valid JSON ({error})"
+        if problem is None:
+            return data
+        if self.read_only:
+            log.warning("%s is unusable (%s); rendering from %s", self.path, problem, self.journal.path.name)
+            return None
+        aside = self.path.with_name(f"{RESULTS_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        with guarded(aside):
+            os.replace(self.path, aside)
+        log.warning("%s was unusable (%s); moved it to %s and rebuilt it from %s", self.path, problem, aside.name,
+                    self.journal.path.name)
+        return None
+
+    def _salvage(self, data: dict | None) -> None:
+        """Copy into the journal what a valid results.json holds and the journal does not."""
+        if not data:
+            return
+        journaled = {e["key"] for e in self.journal.events if e["t"] == "cell"}
+        records = [r for r in [*data.get("records", []), *data.get("previous_records", [])]
+                   if isinstance(r, dict) and r.get("key") and r["key"] not in journaled]
+        if not records:
+            return
+        if self.read_only:
+            for key, group in _by_key(records).items():
+                self.journal.events.append({"t": "cell", "key": key, "records": group, "run": "salvaged"})
+            return
+        if not any(e["t"] == "run" for e in self.journal.events):
+            self.journal.append({"t": "run", "run": "salvaged", "manifest": data.get("manifest", {}),
+                                 "planned": sorted({r["key"] for r in data.get("records", []) if r.get("key")})})
+        known = {e["id"] for e in self.journal.events if e["t"] == "compression"}
+        for cid, info in (data.get("compressions") or {}).items():
+            if cid not in known:
+                self.journal.append({"t": "compression", "run": "salvaged", "id": cid, "info": strict(info)})
+        for key, group in _by_key(records).items():
+            self.journal.append({"t": "cell", "run": "salvaged", "key": key, "records": strict(group)})
+        log.info("copied %d cell(s) from %s into %s", len(_by_key(records)), self.path.name, self.journal.path.name)
+
+    def _rebuild(self) -> None:
+        runs = [e for e in self.journal.events if e["t"] == "run"]
+        if runs:
+            self._manifest = dict(runs[-1].get("manifest") or {})
+        self._cells: dict[str, dict] = {}
+        for event in self.journal.events:
+            if event["t"] == "cell":
+                self._cells[event["key"]] = event  # a cell computed again (its entry changed) replaces the old one
+
+    # ------------------------------------------------------------------ what is done
 
     @property
     def manifest(self) -> dict:
-        return self.data["manifest"]
+        return self._manifest
+
+    def begin(self, manifest: dict, planned: set[str]) -> None:
+        """Start this run: its manifest and planned cells go into the journal; results.json is rendered."""
+        self._manifest = dict(manifest)
+        self._planned = set(planned)
+        self.journal.append({"t": "run", "run": self.run_id, "manifest": strict(manifest), "planned": sorted(planned)})
+        self.save()
+
+    def keep_only(self, planned_keys: set[str]) -> None:
+        """Report only the cells of the current plan; the others stay in the journal as ``previous_records``."""
+        self._planned = set(planned_keys)
+
+    def done(self, key: str) -> bool:
+        """Whether cell ``key`` is finished and none of the cache entries it was computed from has changed."""
+        cell = self._cells.get(key)
+        if cell is None:
+            return False
+        changed = []
+        for path, checksum in (cell.get("sources") or {}).items():
+            if (path, checksum) not in self._changed:
+                self._changed[path, checksum] = entry_changed(path, checksum)
+            if self._changed[path, checksum]:
+                changed.append(path)
+        if changed:
+            log.warning("cell %s was computed from %s, which has changed since; computing it again", key, changed[0])
+            return False
+        return True
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, records: list[Record]) -> None:
+        """One finished cell (its records share a key): journaled, then results.json rendered."""
+        for key, group in _by_key([r.to_dict() for r in records]).items():
+            event = {"t": "cell", "run": self.run_id, "key": key, "records": strict(group), "sources": sources(),
+                     "timings": strict(self._manifest.get("timings", {}))}
+            self.journal.append(event)
+            self._cells[key] = self.journal.events[-1]
+        self.save()
+        check_interrupt()  # the cell is safe; a Ctrl-C swallowed while computing it stops the run here
+
+    def add_compression(self, compression_id: str, info: dict) -> None:
+        self.journal.append({"t": "compression", "run": self.run_id, "id": compression_id, "info": strict(info)})
+        self.save()
+
+    def add_failure(self, failure: dict) -> None:
+        self.journal.append({"t": "failure", "run": self.run_id, "failure": strict(failure)})
+        self.save()
+
+    def finish(self, timings: dict) -> None:
+        self._manifest["timings"] = timings
+        self.journal.append({"t": "end", "run": self.run_id, "timings": strict(timings)})
+        self.save()
+
+    # ------------------------------------------------------------------ rendering
+
+    @property
+    def data(self) -> dict:
+        """results.json's content, rendered from the journal."""
+        planned = self._planned
+        if planned is None:
+            runs = [e for e in self.journal.events if e["t"] == "run"]
+            planned = set(runs[-1].get("planned", [])) if runs else set(self._cells)
+        records, previous = [], []
+        for key, cell in self._cells.items():
+            (records if key in planned else previous).extend(cell["records"])
+        runs = [e for e in self.journal.events if e["t"] == "run"]
+        current = self.run_id if self._planned is not None else (runs[-1]["run"] if runs else None)
+        manifest = dict(self._manifest)
+        if self._planned is None and runs:
+            timings = [e["timings"] for e in self.journal.events
+                       if e.get("run") == current and e["t"] in ("cell", "end") and e.get("timings")]
+            if timings:
+                manifest["timings"] = timings[-1]
+        data = {"manifest": manifest, "records": records,
+                "compressions": {e["id"]: e["info"] for e in self.journal.events if e["t"] == "compression"},
+                "failures": [e["failure"] for e in self.journal.events if e["t"] == "failure" and e["run"] == current],
+                "previous_records": previous}
+        return seal(strict(data))
 
     @property
     def records(self) -> list[dict]:
         return self.data["records"]
 
-    def keep_only(self, planned_keys: set[str]) -> None:
-        """Move records that the current plan does not produce to ``previous_records``."""
-        keep = [r for r in self.records if r.get("key") in planned_keys]
-        stale = [r for r in self.records if r.get("key") not in planned_keys]
-        self.data["records"] = keep
-        self.data["previous_records"].extend(stale)
-        self._keys = {r.get("key") for r in keep}
-
-    def done(self, key: str) -> bool:
-        return key in self._keys
-
-    def add(self, records: list[Record]) -> None:
-        self.records.extend(r.to_dict() for r in records)
-        self._keys.update(r.key for r in records)
-        self.save()
-
-    def add_compression(self, compression_id: str, info: dict) -> None:
-        self.data["compressions"][compression_id] = info
-        self.save()
-
-    def add_failure(self, failure: dict) -> None:
-        self.data["failures"].append(failure)
-        self.save()
-
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str))
+        """Render results.json from the journal (atomically)."""
+        if self.read_only:
+            raise UsageError(f"{self.path} was opened read-only")
+        atomic_write_text(self.path, dumps(self.data, indent=1))
+
+
+def _by_key(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for record in records:
+        out.setdefault(record["key"], []).append(record)
+    return out
+
+
+def load_rendered(out_dir: Path | str) -> dict:
+    """What ``svdbench report`` reads: the journal rendered when there is one, else results.json as it is."""
+    from bench.api.record import load_results
+
+    out_dir = Path(out_dir)
+    if (out_dir / JOURNAL).exists():
+        return Results(out_dir, read_only=True).data
+    return load_results(out_dir)

@@ -38,7 +38,19 @@ from pathlib import Path
 import torch
 
 from bench.api.lowrank import Factorization
-from bench.storage import atomic_write_text, cache_root, json_key, sha256_file
+from bench.storage import (
+    atomic_write_text,
+    cache_root,
+    guarded,
+    is_sealed,
+    json_key,
+    make_dir,
+    note_source,
+    seal,
+    sha256_file,
+    sweep_temporaries,
+    temporary_sibling,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +76,10 @@ class EntryWriter:
     def __init__(self, root: Path, fields: dict):
         self.fields = fields
         self.final = root / json_key(fields)
-        self.tmp = root / f".{self.final.name}.{os.getpid()}.partial"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        make_dir(root)
+        sweep_temporaries(root)  # what killed writers left behind
+        self.tmp = temporary_sibling(self.final, ".partial")
+        make_dir(self.tmp)
         self.files: dict[str, str] = {}
         self.index: dict[str, str] = {}  # tensor name -> file
 
@@ -82,13 +95,14 @@ class EntryWriter:
         from safetensors.torch import save_file
 
         path = self.tmp / name
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+        with guarded(path, sum(t.numel() * t.element_size() for t in tensors.values())):
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
         self.files[name] = sha256_file(path)
         self.index.update(dict.fromkeys(tensors, name))
 
     def finish(self, meta: dict | None = None) -> Path:
-        manifest = {"format": FORMAT, "fields": self.fields, "files": self.files, "index": self.index,
-                    "meta": meta or {}}
+        manifest = seal({"format": FORMAT, "fields": self.fields, "files": self.files, "index": self.index,
+                         "meta": meta or {}})  # its own checksum: an edited index or meta is noticed too
         atomic_write_text(self.tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         try:
             os.rename(self.tmp, self.final)
@@ -96,6 +110,7 @@ class EntryWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if not (self.final / MANIFEST).exists():
                 raise
+        note_source(self.final / MANIFEST, json_key(self.files))
         return self.final
 
     def abandon(self) -> None:
@@ -133,11 +148,14 @@ def open_entry(root: Path, fields: dict, what: str) -> Entry | None:
         return None
     try:
         manifest = json.loads((path / MANIFEST).read_text())
+        if not is_sealed(manifest):
+            raise ValueError(f"{MANIFEST} is corrupted or was edited (its checksum does not match)")
         if manifest.get("format") != FORMAT or manifest["fields"] != json.loads(json.dumps(fields)):
             raise ValueError("its settings do not match")
         for name, digest in manifest["files"].items():
             if sha256_file(path / name) != digest:
                 raise ValueError(f"{name} does not match its checksum")
+        note_source(path / MANIFEST, json_key(manifest["files"]))  # cells computed from it record its checksum
         return Entry(path, manifest)
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning("%s store entry %s is unusable (%s); rebuilding it", what, path, error)

@@ -6,6 +6,14 @@ A model spec is one of:
   checkpoint cached under a key that includes the GGUF's sha256;
 - a local Hugging Face model directory;
 - a path to a ``.gguf`` file.
+
+The conversion cache entry is verified before every use - the sha256 of
+every file in it (weights, ``config.json``, tokenizer files) is recorded
+last - and rebuilt, under a lock, when anything is missing or edited. A
+model's identity (the start of every cache and resume key) covers its
+weights *and* its config and tokenizer files
+(:func:`bench.model.saving.directory_identity`). Unreadable files end in one
+line naming the file, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -21,8 +30,20 @@ import torch
 from bench.errors import UsageError
 from bench.model.checkpoint import is_checkpoint
 from bench.model.loaded import LoadedModel
-from bench.model.saving import MANIFEST, load_compressed
-from bench.storage import cache_root, sha256_file
+from bench.model.saving import MANIFEST, directory_identity, load_compressed
+from bench.storage import (
+    atomic_write_text,
+    cache_root,
+    entry_lock,
+    guarded,
+    inside,
+    is_sealed,
+    make_dir,
+    seal,
+    sha256_file,
+    sweep_temporaries,
+    temporary_sibling,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,43 +55,126 @@ DEFAULT_MODEL = "smollm2-135m"
 
 # --------------------------------------------------------------------------- loading
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
 def _load_tokenizer_and_model(path: str, gguf_file: str | None, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if gguf_file:
+        return tokenizer, AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or unexpected or mismatched:  # transformers would fill the gaps with random weights
+        hint = ("; it looks like a model saved by svdbench without its svdbench.json"
+                if any(k.endswith((".up.weight", ".down.weight", ".packed")) for k in unexpected) else "")
+        raise ValueError(f"its weights do not fit its config.json ({len(missing)} missing, e.g. "
+                         f"{(missing or ['-'])[0]}; {len(unexpected)} unexpected; {len(mismatched)} of another "
+                         f"shape){hint}")
     return tokenizer, model
 
 
+def load_directory(path: Path, dtype: torch.dtype):
+    """A Hugging Face model directory's tokenizer and model; anything unreadable is one line naming the directory."""
+    config = path / "config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise UsageError(f"{config} is not valid JSON ({_first_line(error)}); restore it from the model's source") from None
+    try:
+        return _load_tokenizer_and_model(str(path), None, dtype)
+    except Exception as error:  # transformers/tokenizers/safetensors raise many kinds for unreadable files
+        raise UsageError(f"cannot load the model in {path} ({_first_line(error)}); check its config.json, tokenizer "
+                         "and weight files (a truncated or corrupted file?)") from None
+
+
+SOURCE_META = "svdbench-source.json"
+
+
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF file once and save an ordinary safetensors checkpoint."""
+    """Dequantize a GGUF file once and save an ordinary safetensors checkpoint (into a verified cache entry).
+
+    Written under a temporary name, the sha256 of every file recorded last
+    (weights, config and tokenizer files alike), verified, then renamed into
+    place; the caller holds the entry's lock.
+    """
     from transformers import AutoModelForCausalLM
 
-    tokenizer, loaded = _load_tokenizer_and_model(str(gguf.parent), gguf.name, torch.float32)
+    try:
+        tokenizer, loaded = _load_tokenizer_and_model(str(gguf.parent), gguf.name, torch.float32)
+    except Exception as error:  # the gguf reader raises plain errors for truncated or foreign files
+        raise UsageError(f"cannot read the GGUF file {gguf} ({_first_line(error)}); it is truncated or not a GGUF "
+                         "model: download it again") from None
     # save_pretrained refuses GGUF-loaded models: rebuild from the config.
     fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
-    (tmp / "svdbench-source.json").write_text(json.dumps({"gguf_sha256": sha256_file(gguf), "weights": weights}, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    need = sum(t.numel() * t.element_size() for t in fresh.state_dict().values())
+    tmp = temporary_sibling(out_dir, ".partial")
+    try:
+        with guarded(tmp, need):
+            make_dir(tmp)
+            fresh.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {"gguf_sha256": sha256_file(gguf), "files": files,
+                "weights": {name: digest for name, digest in files.items() if name.endswith(".safetensors")}}
+        atomic_write_text(tmp / SOURCE_META, json.dumps(seal(meta), indent=1))  # the checksums, written last
+        problem = conversion_problem(tmp, meta["gguf_sha256"])
+        if problem:
+            raise OSError(5, f"the converted model does not verify after writing ({problem})", str(tmp))
+        with guarded(out_dir):
+            if out_dir.exists():
+                aside = temporary_sibling(out_dir, ".old")
+                os.replace(out_dir, aside)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cached_conversion_ok(out_dir: Path, gguf_sha: str) -> bool:
-    meta = out_dir / "svdbench-source.json"
-    if not meta.exists():
-        return False
+def conversion_problem(out_dir: Path, gguf_sha: str) -> str | None:
+    """Why the converted model in ``out_dir`` cannot be used (None: it verifies).
+
+    Every file of the entry - weights, ``config.json``, tokenizer files - is
+    listed with its sha256 in ``svdbench-source.json`` and checked; a missing,
+    truncated or edited file, or one the list does not name, is a problem.
+    """
+    meta = out_dir / SOURCE_META
+    if not meta.is_file():
+        return f"{SOURCE_META} is missing"
     try:
         info = json.loads(meta.read_text())
-        return info["gguf_sha256"] == gguf_sha and all(
-            sha256_file(out_dir / name) == digest for name, digest in info["weights"].items())
-    except (OSError, ValueError, KeyError):
-        return False
+        if isinstance(info, dict) and "checksum" not in info:
+            return f"{SOURCE_META} was written by an older svdbench (it has no checksum)"
+        if not is_sealed(info):
+            return f"{SOURCE_META} is corrupted (its checksum does not match)"
+        files = info["files"]
+        if info["gguf_sha256"] != gguf_sha:
+            return "it was converted from another GGUF file"
+        if not isinstance(files, dict) or "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
+            return f"{SOURCE_META} does not list the config and weights"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{SOURCE_META} is unreadable ({_first_line(error)})"
+    present = {p.name for p in out_dir.iterdir() if p.is_file() and p.name != SOURCE_META}
+    extra = sorted(present - set(files))
+    if extra:
+        return f"{extra[0]} is not part of the entry"
+    for name, digest in files.items():
+        if not isinstance(name, str) or not inside(out_dir, name):
+            return f"{SOURCE_META} names {name!r}, outside the entry"
+        path = out_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def smollm2_gguf() -> Path:
@@ -85,14 +189,25 @@ def load_gguf(gguf: Path, name: str, dtype: torch.dtype = torch.float32) -> Load
     """Load a GGUF file through a verified safetensors conversion cache."""
     gguf_sha = sha256_file(gguf)
     out_dir = cache_root() / "models" / f"{gguf.stem}-{gguf_sha[:16]}"
-    if not _cached_conversion_ok(out_dir, gguf_sha):
-        if out_dir.exists():
-            log.warning("model cache %s is incomplete or corrupted; rebuilding it", out_dir)
-        log.info("converting %s to safetensors (once)", gguf.name)
-        _convert_gguf(gguf, out_dir)
-    tokenizer, model = _load_tokenizer_and_model(str(out_dir), None, dtype)
+    problem = conversion_problem(out_dir, gguf_sha) if out_dir.exists() else "absent"
+    if problem:
+        with entry_lock(out_dir):  # one converter at a time; the others wait, then find it done
+            problem = conversion_problem(out_dir, gguf_sha) if out_dir.exists() else "absent"
+            if problem:
+                if problem != "absent":
+                    log.warning("model cache %s is unusable (%s); rebuilding it", out_dir, problem)
+                log.info("converting %s to safetensors (once)", gguf.name)
+                sweep_temporaries(out_dir.parent)
+                _convert_gguf(gguf, out_dir)
+    try:
+        tokenizer, model = _load_tokenizer_and_model(str(out_dir), None, dtype)
+    except Exception as error:  # verified files that still do not load: never leave such an entry behind
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise UsageError(f"the converted model in {out_dir} does not load ({_first_line(error)}); it was removed: "
+                         "run the same command again to convert it anew") from None
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, source=f"gguf:{gguf}",
-                       info={"gguf_sha256": gguf_sha}, checkpoint=out_dir)
+                       identity=directory_identity(model, out_dir), info={"gguf_sha256": gguf_sha},
+                       checkpoint=out_dir)
 
 
 def place_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
@@ -125,6 +240,19 @@ def reload_weights(checkpoint: Path, device: str = "cpu", dtype: torch.dtype = t
     return place_model(AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).eval(), device)
 
 
+def model_directory(spec: str) -> Path | None:
+    """The directory a model spec reads from (what ``compress --out`` must never write into)."""
+    if spec == DEFAULT_MODEL:
+        try:
+            return smollm2_gguf().parent
+        except UsageError:
+            return None
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        return path.parent
+    return path if path.is_dir() else None
+
+
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a model from a spec (see module docstring) onto ``device``."""
     if spec == DEFAULT_MODEL:
@@ -140,9 +268,9 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         elif path.is_dir() and (path / MANIFEST).exists():
             loaded = load_compressed(path, dtype)
         elif path.is_dir() and (path / "config.json").exists():
-            tokenizer, model = _load_tokenizer_and_model(str(path), None, dtype)
+            tokenizer, model = load_directory(path, dtype)
             loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, name=path.name, source=f"dir:{path.resolve()}",
-                                 checkpoint=path if is_checkpoint(path) else None)
+                                 identity=directory_identity(model, path), checkpoint=path if is_checkpoint(path) else None)
         else:
             raise UsageError(f"unknown model '{spec}'; use '{DEFAULT_MODEL}', a Hugging Face model directory "
                              "(with config.json) or a .gguf file")

@@ -323,30 +323,3 @@ def gptq_quantize_linears(model: nn.Module, grams: dict[str, torch.Tensor], bits
         set_module(model, name, quantized)
         layers[name] = {"bytes_before": before, "bytes": quantized.storage_bytes()}
     return layers
-
-
-QUANTIZED_LAYERS = (QuantizedLinear, GPTQLinear)
-
-
-def quantized_layout(module: nn.Module) -> dict:
-    """What a manifest records of a quantized layer to rebuild it empty (:func:`empty_quantized`)."""
-    names = ("packed", "scale", "zero") if isinstance(module, QuantizedLinear) else ("qweight", "qzeros", "scales", "g_idx")
-    return {**module.quantization(), "in_features": module.in_features, "out_features": module.out_features,
-            "bias": module.bias is not None, "compute_dtype": str(module.compute_dtype).removeprefix("torch."),
-            "tensors": {key: {"shape": list(getattr(module, key).shape),
-                              "dtype": str(getattr(module, key).dtype).removeprefix("torch.")} for key in names}}
-
-
-def empty_quantized(layout: dict, dtype: torch.dtype) -> nn.Module:
-    """A quantized layer of the recorded layout with uninitialized tensors, to load saved weights into."""
-    t = layout["tensors"]
-    empty = {key: torch.empty(t[key]["shape"], dtype=getattr(torch, t[key]["dtype"])) for key in t}
-    bias = torch.empty(layout["out_features"], dtype=dtype) if layout["bias"] else None
-    compute_dtype = getattr(torch, layout["compute_dtype"])
-    if layout.get("quantizer", "hqq") == "gptq":
-        return GPTQLinear(layout["in_features"], layout["out_features"], int(layout["nbits"]), int(layout["group_size"]),
-                          empty["qweight"], empty["qzeros"], empty["scales"], empty["g_idx"], bias,
-                          sym=bool(layout["sym"]), desc_act=bool(layout["desc_act"]), compute_dtype=compute_dtype)
-    return QuantizedLinear(layout["in_features"], layout["out_features"], int(layout["nbits"]),
-                           int(layout["group_size"]), empty["packed"], empty["scale"], empty["zero"], bias,
-                           compute_dtype=compute_dtype)
