@@ -54,6 +54,7 @@ from bench.model.loaded import LoadedModel
 from bench.model.loading import load_model
 from bench.model.targets import find_targets, footprint
 from bench.storage import cache_root
+from bench.threads import describe
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +334,7 @@ def manifest(config: RunConfig, registry: Registry, workspace: Workspace, plan: 
         "method_configs": {name: info["config"] for name, info in described.items()},
         "tasks": {name: registry.get("task", name).describe() for name in config.tasks},
         "timings": workspace.timings,
+        "threads": describe(),
     }
 
 
