@@ -92,7 +92,8 @@ def onednn_linears(model: nn.Module, enabled: bool = True):
     if enabled and onednn_linear_works():
         for module in model.modules():
             if (type(module) is nn.Linear and "forward" not in vars(module) and module.weight.device.type == "cpu"
-                    and module.weight.dtype == torch.float32 and module.weight.layout == torch.strided):
+                    and module.weight.dtype == torch.float32 and module.weight.layout == torch.strided
+                    and module.weight.is_contiguous()):
                 module.forward = functools.partial(_onednn_forward, module)
                 swapped.append(module)
     try:
