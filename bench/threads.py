@@ -3,10 +3,10 @@
 torch's OpenMP workers spin while they wait at the end of every parallel
 region. On a machine where another process wants a core, a spinning worker
 keeps the core from the worker that still has work, and every region of a
-forward pass (hundreds per pass) waits for the scheduler: measured on two
-cores beside one CPU-bound process, a float64 SVD took 25x its quiet time and
-a perplexity evaluation 11x. :func:`configure` therefore, before torch starts
-its thread pools (it must run before ``import torch``):
+forward pass (hundreds per pass) waits for the scheduler: on two cores one
+competing process made SVDs and evaluations many times slower (issue 15;
+``benchmarks/contention.py`` measures it). :func:`configure` therefore,
+before torch starts its thread pools (it must run before ``import torch``):
 
 - sets ``OMP_WAIT_POLICY=PASSIVE`` (idle workers sleep instead of spinning)
   unless the user set a policy;

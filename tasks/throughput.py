@@ -15,7 +15,7 @@ single-token steps. Two decoding paths are measured side by side (the grid's
   eager, so it reports ``decode_tok_s`` and ``kv_cache_mb`` only. The step is
   compiled once per model and batch size; the compile time is excluded from
   the figures and kept in ``extra["compile_seconds"]``. On a CPU the compile
-  takes about a minute per model, which is why the main job's
+  takes tens of seconds or more per model, which is why the main job's
   ``throughput_quick`` measures the eager path only.
 
 Warm-up passes are run first and excluded; each figure is the median over

@@ -41,7 +41,7 @@ def test_registered_presets(registry):
     assert v2.settings_key(EvalSettings()) != registry.get("task", "throughput").settings_key(EvalSettings())
     quick = registry.get("task", "throughput_quick")
     assert quick.grid.points() == [(1, 128, 16)] and quick.grid.repeats >= 3
-    assert quick.grid.paths == ("eager",)  # compiling every model of the main job would cost a minute each
+    assert quick.grid.paths == ("eager",)  # compiling each of the main job's models is too slow
     assert registry.get("task", "throughput").grid.paths == v2.grid.paths == ("eager", "compiled")
     with pytest.raises(ValueError, match="paths"):
         Grid(paths=("jit",))
