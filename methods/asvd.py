@@ -22,15 +22,23 @@ one rank step of the budget. A target ratio beyond the smallest candidate
 uniform ranks, logged and recorded. ``allocation = "uniform"`` is the ablation.
 
 **Cost and what is measured.** SmolLM2-135M has 210 linears x 6 candidates =
-1260 evaluations, so the perplexity is taken on a subset of the calibration
-windows: the first ``sensitivity_samples`` windows cut to
-``sensitivity_seqlen`` tokens (default 2 x 256; the reference uses its whole
-calibration set). Each evaluation is still the exact perplexity of the whole
-model with one truncated linear, but only the blocks from the truncated one
-onward are run: the blocks before it are replaced, on a private copy of the
-model, by their recorded output on these windows (earlier blocks are
-unchanged, so this is exact - checked at run time against a full forward
-pass, with a fall-back to full passes if a model family breaks it).
+1260 evaluations, so by default the perplexity is taken on a subset of the
+calibration windows: the first ``sensitivity_samples`` windows cut to
+``sensitivity_seqlen`` tokens (default 2 x 256). The reference measures it on
+its whole calibration set: ``sensitivity_samples=none`` and
+``sensitivity_seqlen=none`` do that (every window, every token; the windows
+are evaluated in parts whose logits fit in memory). Each evaluation is still
+the exact perplexity of the whole model with one truncated linear, but only
+the blocks from the truncated one onward are run: the blocks before it are
+replaced, on a private copy of the model, by their recorded output on these
+windows (earlier blocks are unchanged, so this is exact - checked at run time
+against a full forward pass, with a fall-back to full passes if a model
+family breaks it). The candidates of one linear share batched forward passes
+whose per-candidate losses are bit for bit those of one pass per candidate
+(checked at run time; see :class:`_Search`). The search is bound by its
+arithmetic: about 87 GFLOP per evaluation on 2 x 256 tokens (the blocks after
+the truncated one, the LM head over 49,152 tokens), 110 TFLOP for the whole
+grid.
 
 **Non-finite guard.** A truncation whose calibration loss is NaN/inf (the
 reference produced NaNs below 0.75 parameter ratio, its issue #7) gets an
@@ -56,6 +64,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from bench import (
@@ -65,6 +74,7 @@ from bench import (
     Factorization,
     JsonCache,
     Method,
+    PaperNotes,
     Target,
     UsageError,
     decoder_blocks,
@@ -87,16 +97,18 @@ class ASVDConfig:
     eps: float = 1e-6
     allocation: str = "sensitivity"  # "sensitivity" (the reference's search) or "uniform"
     candidates: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # kept fractions tried per linear
-    sensitivity_samples: int = 2  # calibration windows used by the search
-    sensitivity_seqlen: int = 256  # tokens of each of those windows
+    sensitivity_samples: int | None = 2  # calibration windows used by the search (None: all, as the reference)
+    sensitivity_seqlen: int | None = 256  # tokens of each of those windows (None: the whole window)
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"asvd.allocation={self.allocation!r} is unknown; use one of: {', '.join(ALLOCATIONS)}")
         if not self.alpha >= 0 or not self.eps > 0:
             raise UsageError("asvd needs alpha >= 0 and eps > 0")
-        if self.sensitivity_samples < 1 or self.sensitivity_seqlen < 2:
-            raise UsageError("asvd.sensitivity_samples must be >= 1 and asvd.sensitivity_seqlen >= 2")
+        if (self.sensitivity_samples is not None and self.sensitivity_samples < 1) or (
+                self.sensitivity_seqlen is not None and self.sensitivity_seqlen < 2):
+            raise UsageError("asvd.sensitivity_samples must be >= 1 and asvd.sensitivity_seqlen >= 2 "
+                             "(or none: the whole calibration set)")
         if not self.candidates or any(not 0 < p < 1 for p in self.candidates):
             raise UsageError(f"asvd.candidates={self.candidates!r} must be comma-separated kept fractions in (0, 1)")
 
@@ -130,44 +142,170 @@ def sensitivity_windows(context: Context, config: ASVDConfig) -> torch.Tensor:
     return context.calibration[: config.sensitivity_samples, : config.sensitivity_seqlen].contiguous()
 
 
+LOGITS_BUDGET = 2**30  # bytes of float32 logits one forward pass of the search may hold
+
+
 def _loss(model: nn.Module, ids: torch.Tensor) -> float:
     return float(model(ids, labels=ids, use_cache=False).loss)
+
+
+def _repeat(output, times: int):
+    """A recorded block output (a tensor, or a tuple starting with one) repeated ``times`` along the batch."""
+    if times == 1:
+        return output
+    if isinstance(output, torch.Tensor):
+        return output.repeat(times, *([1] * (output.dim() - 1)))
+    return (_repeat(output[0], times), *output[1:])
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the block it waits for has run."""
+
+
+class _Search:
+    """The state of one sensitivity search on a private copy of the model.
+
+    **Batched candidates.** The candidates of one linear are evaluated
+    together: the windows are repeated once per candidate along the batch,
+    the truncated linear applies each candidate's weight to its own rows, and
+    each candidate's loss is the model's own loss function on its rows'
+    logits - the operations and values of one forward pass per candidate
+    (torch's GEMMs compute each row independently of the number of rows; this
+    is checked once at the start, else one pass per candidate is used, and
+    the tests compare the table with the one-pass-per-candidate reference).
+
+    **Skipped blocks.** While the linears of block ``b`` are measured, the
+    blocks before ``b`` return the recorded input of block ``b``; that input
+    is advanced one block at a time, so only one hidden state per window is
+    kept whatever the number of blocks.
+
+    **Memory.** Windows are evaluated in parts whose logits fit
+    ``LOGITS_BUDGET`` (the whole calibration set can be searched); with more
+    than one part a candidate's loss is the token-weighted mean of the parts'
+    mean losses (the default 2 x 256 tokens fit in one part).
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, candidates: int):
+        self.work = copy.deepcopy(model).eval()
+        _, self.blocks = decoder_blocks(self.work)
+        window_bytes = ids.shape[1] * self.work.get_output_embeddings().weight.shape[0] * 4
+        self.parts = list(ids.split(max(1, LOGITS_BUDGET // window_bytes)))
+        self.group = max(1, min(candidates, LOGITS_BUDGET // (len(self.parts[0]) * window_bytes)))
+        self.block, self.inputs, self.part = 0, [None] * len(self.parts), 0
+        self.dense_loss = self._mean(_loss(self.work, part) for part in self.parts)
+        if self.group > 1 and not self._batching_is_exact():
+            log.warning("asvd: batched passes of %s do not reproduce single passes bit for bit here; "
+                        "one pass per candidate", type(model).__name__)
+            self.group = 1
+
+    def _mean(self, losses) -> float:
+        """Token-weighted mean of the parts' mean losses (the one loss itself when there is one part)."""
+        losses = list(losses)
+        if len(losses) == 1:
+            return losses[0]
+        tokens = [len(part) * (part.shape[1] - 1) for part in self.parts]
+        return sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens)
+
+    def _group_losses(self, logits: torch.Tensor, part: torch.Tensor, count: int) -> list[float]:
+        rows = len(part)
+        return [float(self.work.loss_function(logits=logits[i * rows:(i + 1) * rows], labels=part,
+                                              vocab_size=self.work.config.vocab_size)) for i in range(count)]
+
+    def _batching_is_exact(self) -> bool:
+        """Whether one pass over the first part repeated ``group`` times gives every copy the single pass's
+        logits, and the loss function the forward pass's loss."""
+        part = self.parts[0]
+        single = self.work(part, use_cache=False).logits
+        repeated = self.work(part.repeat(self.group, 1), use_cache=False).logits
+        rows = len(part)
+        return (all(torch.equal(repeated[i * rows:(i + 1) * rows], single) for i in range(self.group))
+                and self._group_losses(single, part, 1)[0] == _loss(self.work, part))
+
+    def _skipped(self, *args, **kwargs):
+        """The forward of a skipped block: the recorded input of the first computed block, for the current part."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        recorded = self.inputs[self.part]
+        return _repeat(recorded, hidden.shape[0] // len(self.parts[self.part]))
+
+    def _each_part(self):
+        """The parts of the windows, each made the current one (skipped blocks return its recorded input)."""
+        for index, part in enumerate(self.parts):
+            self.part = index
+            yield part
+
+    def _skip_before(self, block: int) -> None:
+        for i, module in enumerate(self.blocks):
+            module.__dict__.pop("forward", None)
+            if i < block:
+                module.forward = self._skipped
+
+    def skip_to(self, block: int) -> None:
+        """Make the blocks before ``block`` (>= the current one) return block ``block``'s recorded input."""
+        while self.block < block:
+            def reached(_module, _inputs, output):
+                self.inputs[self.part] = output
+                raise _Reached
+
+            self._skip_before(self.block)
+            handle = self.blocks[self.block].register_forward_hook(reached)
+            try:
+                for part in self._each_part():
+                    try:
+                        self.work(part, use_cache=False)
+                    except _Reached:
+                        pass
+            finally:
+                handle.remove()
+            self.block += 1
+        self._skip_before(block)
+
+    def stop_skipping(self) -> None:
+        self._skip_before(0)
+
+    def loss(self) -> float:
+        """The loss of the model as it is (with the current skips)."""
+        return self._mean(_loss(self.work, part) for part in self._each_part())
+
+    def losses(self, module: nn.Linear, weights: list[torch.Tensor]) -> list[float]:
+        """The loss with ``module`` using each of ``weights`` in turn."""
+        if self.group == 1 or type(module).forward is not nn.Linear.forward:
+            return [self._one(module, weight) for weight in weights]
+        out = []
+        for first in range(0, len(weights), self.group):
+            chosen = weights[first:first + self.group]
+            module.forward = lambda x, chosen=chosen: torch.cat(  # each candidate's rows through its own weight
+                [F.linear(rows, weight, module.bias) for rows, weight in zip(x.chunk(len(chosen)), chosen)])
+            per_part = []
+            try:
+                for part in self._each_part():
+                    logits = self.work(part.repeat(len(chosen), 1), use_cache=False).logits
+                    per_part.append(self._group_losses(logits, part, len(chosen)))
+            finally:
+                del module.forward
+            out += [self._mean(losses) for losses in zip(*per_part)]
+        return out
+
+    def _one(self, module: nn.Linear, weight: torch.Tensor) -> float:
+        original = module.weight.data
+        module.weight.data = weight
+        try:
+            return self.loss()
+        finally:
+            module.weight.data = original
 
 
 def measure_sensitivity(model: nn.Module, targets: list[Target], factorizations: dict[str, Factorization],
                         candidates: list[float], ids: torch.Tensor, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Calibration perplexity with only one linear truncated, for every linear and kept fraction.
 
-    Works on a private copy of ``model``. Blocks before the truncated one are
-    replaced by their recorded output (see the module docstring).
+    Works on a private copy of ``model``: blocks before the truncated one are
+    replaced by their recorded output, and a linear's candidates share
+    batched forward passes (see :class:`_Search`).
     """
-    work = copy.deepcopy(model).eval()
-    _, blocks = decoder_blocks(work)
-    ids = ids.to(device)
-    outputs: dict[int, object] = {}
-
-    def record(index: int):
-        def hook(_module, _inputs, output):
-            outputs[index] = output
-        return hook
-
-    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
     with torch.no_grad():
-        try:
-            dense_loss = _loss(work, ids)
-        finally:
-            for handle in handles:
-                handle.remove()
-    if not math.isfinite(dense_loss):
-        raise FloatingPointError(f"the original model's calibration loss is {dense_loss}")
-
-    def skip_to(block: int) -> None:
-        """Blocks before ``block`` return the recorded input of ``block`` without computing."""
-        for i in range(len(blocks)):
-            blocks[i].__dict__.pop("forward", None)
-            if i < block:
-                blocks[i].forward = lambda *args, _cached=outputs[block - 1], **kwargs: _cached
-
+        search = _Search(model, ids.to(device), len(candidates))
+    if not math.isfinite(search.dense_loss):
+        raise FloatingPointError(f"the original model's calibration loss is {search.dense_loss}")
     by_block: dict[int, list[Target]] = {}
     for target in targets:
         by_block.setdefault(target.block, []).append(target)
@@ -178,33 +316,32 @@ def measure_sensitivity(model: nn.Module, targets: list[Target], factorizations:
         with torch.no_grad():
             for block, members in sorted(by_block.items()):
                 if shortcut and block > 0:
-                    skip_to(block)
-                    check = _loss(work, ids)
-                    if abs(check - dense_loss) > 1e-4 * max(1.0, abs(dense_loss)):
+                    search.skip_to(block)
+                    check = search.loss()
+                    if abs(check - search.dense_loss) > 1e-4 * max(1.0, abs(search.dense_loss)):
                         log.warning("asvd: skipping the blocks before %d changes the loss (%.6g vs %.6g) for %s; "
-                                    "using full forward passes", block, check, dense_loss, type(model).__name__)
-                        skip_to(0)
+                                    "using full forward passes", block, check, search.dense_loss, type(model).__name__)
+                        search.stop_skipping()
                         shortcut = False
                 for target in members:
-                    module = work.get_submodule(target.name)
-                    original = module.weight.data
-                    row = {}
+                    module = search.work.get_submodule(target.name)
+                    f = factorizations[target.name]
+                    weights = []
                     for kept in candidates:
-                        f = factorizations[target.name]
                         rank = kept_rank(target, kept)
                         truncated = (f.u[:, :rank] * f.s[:rank]) @ f.vt[:rank]
-                        module.weight.data = truncated.to(original.dtype).to(original.device)
-                        loss = _loss(work, ids)
+                        weights.append(truncated.to(module.weight.dtype).to(module.weight.device))
+                    row = {}
+                    for kept, loss in zip(candidates, search.losses(module, weights)):
                         if not math.isfinite(loss):
                             log.warning("asvd: %s truncated to kept fraction %.2f gives a non-finite calibration "
                                         "loss (%s); treated as infinite perplexity", target.name, kept, loss)
                         row[str(kept)] = math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
-                        progress.update()
-                    module.weight.data = original
+                    progress.update(len(candidates))
                     table[target.name] = row
     finally:
         progress.close()
-        skip_to(0)
+        search.stop_skipping()
     return table
 
 
@@ -265,6 +402,28 @@ class ASVD(Method):
     requires = ("abs_mean",)
     needs_calibration_data = True
     components = {"transform": "activation scaling", "update": "no"}
+    notes = PaperNotes(
+        paper="Yuan et al., ASVD: Activation-aware Singular Value Decomposition for Compressing Large Language "
+              "Models (2023, arXiv:2312.05821)",
+        paper_defaults="alpha 0.5; 32 x 2048 calibration tokens of WikiText-2; sensitivity-based ranks over kept "
+                       "fractions 0.9-0.4, each measured as calibration perplexity on the whole calibration set",
+        deviations=(
+            "the sensitivity perplexity is measured on the first 2 x 256 calibration tokens (1,260 evaluations of "
+            "the model fit a CPU run); asvd.sensitivity_samples=none and asvd.sensitivity_seqlen=none measure it on "
+            "the whole calibration set, as the reference does",
+            "exact SVD instead of the reference's randomized SVD",
+            "the rank budget is the uniform rank formula's parameter count at the target ratio, and the matrix at "
+            "the threshold gets the leftover back as rank (the reference can undershoot by a candidate step)",
+            "a target ratio beyond the smallest candidate falls back to uniform ranks (logged and recorded)",
+            "a truncation with a non-finite calibration loss counts as infinite perplexity and sorts last (the "
+            "reference produced NaN, its issue #7)",
+        ),
+    )
+
+    def decomposition_key(self, config: ASVDConfig) -> str:
+        """Only alpha and eps shape the factorizations; the allocation settings choose ranks from them, so runs
+        that differ only there share one factor store entry."""
+        return f"{type(self).__module__}.{type(self).__qualname__} alpha={config.alpha!r} eps={config.eps!r}"
 
     def decompose(self, target, weight, context, config) -> Factorization:
         scale = activation_scale(context.stats.get("abs_mean", target.name), config.alpha, config.eps)

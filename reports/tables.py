@@ -67,7 +67,8 @@ def settings_note(manifest: dict) -> str:
             f"{calib.get('seqlen')} tokens of {calib.get('dataset')} (seed {calib.get('seed')}). {DIRECTION}")
 
 
-def settings_lines(manifest: dict) -> list[str]:
+def settings_lines(manifest: dict, records: list[dict] | None = None) -> list[str]:
+    """The report's settings; ``records`` add what the evaluation measured about itself (lower precision)."""
     config = manifest.get("config", {})
     calib = config.get("calibration", {})
     model = manifest.get("model", {})
@@ -80,10 +81,31 @@ def settings_lines(manifest: dict) -> list[str]:
         f"- Evaluation: seqlen {config.get('seqlen')}, "
         f"{'first ' + str(config['limit']) + ' windows/examples per task' if config.get('limit') else 'full test sets'}, "
         f"dtype {config.get('dtype')}, device {config.get('device')}.",
+        *_precision_lines(records or []),
         f"- Calibration: {calib.get('samples')} x {calib.get('seqlen')} tokens of {calib.get('dataset')} "
         f"(seed {calib.get('seed')}).",
+        *_thread_lines(manifest.get("threads")),
         f"- {DIRECTION}",
     ]
+
+
+def _precision_lines(records: list[dict]) -> list[str]:
+    """How far a bfloat16/float16 evaluation's perplexity lies from float32 on the same weights."""
+    checks = [(r.get("extra") or {}).get("float32_check") for r in records]
+    checks = [c for c in checks if c and math.isfinite(c.get("relative_difference", math.nan))]
+    if not checks:
+        return []
+    low, high = (f(c["relative_difference"] for c in checks) for f in (min, max))
+    windows = sorted({c["windows"] for c in checks})
+    return [f"- {checks[0]['dtype']} evaluation vs float32 on the same weights: perplexity {100 * low:+.3f}% to "
+            f"{100 * high:+.3f}% ({len(checks)} evaluations, their first {'/'.join(map(str, windows))} windows)."]
+
+
+def _thread_lines(threads: dict | None) -> list[str]:
+    if not threads or "threads" not in threads:
+        return []
+    return [f"- CPU: {threads.get('torch_threads', threads['threads'])} torch threads ({threads.get('threads_source')}), "
+            f"OpenMP wait policy {threads.get('wait_policy')}."]
 
 
 # ---------------------------------------------------------------- selections

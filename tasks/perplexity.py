@@ -5,10 +5,30 @@ Protocol (GPTQ / SVD-LLM style, ``bench/data/README.md``): rows joined with
 windows of ``seqlen`` tokens, remainder dropped; perplexity =
 ``exp(mean token NLL)`` over every predicted token. ``limit`` keeps the first
 N windows and the measurement records how many tokens it covered.
+
+**Speed and memory.** The cross-entropy is computed in chunks of at most
+``CHUNK_LOGITS`` logits: the decoder's last hidden states go through the LM
+head a slice of positions at a time, so memory does not grow with
+vocabulary x sequence x batch (SmolLM2 at batch 8 x 2048 tokens would hold
+3.2 GB of logits at once). The chunked path is checked once per call against
+the model's own logits on a few tokens; a model whose head does more than a
+linear map (soft-capping, scaling) falls back to full logits. On CPU in
+float32, linears run through oneDNN (``torch.ops.mkldnn._linear_pointwise``)
+instead of the default BLAS when oneDNN is present: on CPUs whose BLAS does
+not use AVX-512 (MKL on AMD) it is about twice as fast at the model's shapes
+(``benchmarks/gflops.py`` measures both); the results agree to float32
+rounding.
+
+**Lower precision.** A model in bfloat16 or float16 (``--dtype``) is
+evaluated in that dtype, and its first batch of windows is also evaluated by
+a float32 copy of the same weights: ``extra["float32_check"]`` holds both
+perplexities and their relative difference (the report's settings show it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import math
 
@@ -25,6 +45,7 @@ from bench import (
     Task,
     checksums,
     evaluation_text,
+    execution_device,
     first_nonfinite_module,
     hookimpl,
 )
@@ -43,17 +64,96 @@ def windows(ids: torch.Tensor, seqlen: int, limit: int | None) -> torch.Tensor:
     return ids[: count * seqlen].view(count, seqlen)
 
 
+CHUNK_LOGITS = 2**24  # logits per cross-entropy chunk: 64 MiB in float32, whatever the vocabulary and batch
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def onednn_linear_works() -> bool:
+    """Whether oneDNN's linear is available here and agrees with ``F.linear`` (checked once per process)."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=generator) for shape in ((2, 5, 64), (48, 64), (48,)))
+    try:
+        return torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-4, atol=1e-5)
+    except RuntimeError:
+        return False
+
+
+def _onednn_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module, enabled: bool = True):
+    """Inside the block, the float32 CPU ``nn.Linear`` modules of ``model`` (inference only) use oneDNN."""
+    swapped = []
+    if enabled and onednn_linear_works():
+        for module in model.modules():
+            if (type(module) is nn.Linear and "forward" not in vars(module) and module.weight.device.type == "cpu"
+                    and module.weight.dtype == torch.float32 and module.weight.layout == torch.strided
+                    and module.weight.is_contiguous()):
+                module.forward = functools.partial(_onednn_forward, module)
+                swapped.append(module)
+    try:
+        yield len(swapped)
+    finally:
+        for module in swapped:
+            vars(module).pop("forward", None)
+
+
+def _chunked_head(model: nn.Module, sample: torch.Tensor):
+    """(decoder, head, vocabulary size) when ``logits == head(decoder(ids).last_hidden_state)`` for this model,
+    checked on ``sample``; ``None`` otherwise (the caller then uses the model's full logits)."""
+    decoder, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if decoder is None or decoder is model or not isinstance(head, nn.Module):
+        return None
+    try:
+        expected = model(sample, use_cache=False).logits
+        logits = head(decoder(input_ids=sample, use_cache=False).last_hidden_state)
+    except (TypeError, AttributeError, RuntimeError):
+        return None
+    same = logits.shape == expected.shape and torch.allclose(logits.float(), expected.float(), rtol=1e-4, atol=1e-4)
+    return (decoder, head, expected.shape[-1]) if same else None
+
+
+def _batch_nll(model: nn.Module, chunk: torch.Tensor, head) -> float:
+    """Summed next-token NLL of the rows of ``chunk`` (float64), logits computed ``CHUNK_LOGITS`` at a time."""
+    targets = chunk[:, 1:].reshape(-1)
+    if head is None:
+        logits = model(chunk, use_cache=False).logits
+        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum"))
+    decoder, lm_head, vocab = head
+    hidden = decoder(input_ids=chunk, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+    rows = max(1, CHUNK_LOGITS // vocab)
+    nll = 0.0
+    for start in range(0, len(hidden), rows):
+        logits = lm_head(hidden[start:start + rows]).float()
+        nll += float(F.cross_entropy(logits, targets[start:start + rows], reduction="sum"))
+    return nll
+
+
 @torch.no_grad()
-def perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> Measurement:
-    """Perplexity of ``model`` over the rows of ``batches`` (windows x seqlen)."""
-    device = next(model.parameters()).device
+def perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int = 1, desc: str = "perplexity",
+               onednn: bool = True) -> Measurement:
+    """Perplexity of ``model`` over the rows of ``batches`` (windows x seqlen).
+
+    ``onednn=False`` keeps torch's default linear kernels (for comparing them).
+    """
+    device = execution_device(model)  # the offload hooks' device when blocks are offloaded
+    with onednn_linears(model, onednn):
+        return _perplexity(model, batches, batch_size, desc, device)
+
+
+def _perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int, desc: str, device) -> Measurement:
     total_nll = 0.0
     predicted = 0
+    head = _chunked_head(model, batches[:1, :16].to(device)) if len(batches) else None
     for start in tqdm(range(0, len(batches), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = batches[start:start + batch_size].to(device)
-        logits = model(chunk, use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
-        total_nll += float(nll)
+        total_nll += _batch_nll(model, chunk, head)
         predicted += chunk[:, 1:].numel()
         if not math.isfinite(total_nll):
             source = first_nonfinite_module(model, chunk[:1])
@@ -63,6 +163,16 @@ def perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int = 1, des
     value = math.exp(total_nll / predicted) if predicted else float("nan")
     return Measurement("perplexity", value, {"windows": len(batches), "tokens": int(batches.numel()),
                                              "predicted_tokens": predicted})
+
+
+def float32_check(model: nn.Module, batches: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Perplexity on ``batches`` of ``model`` (in ``dtype``) and of a float32 copy of the same weights."""
+    low = perplexity(model, batches, len(batches), desc="low precision").value
+    reference = nn.Module.float(copy.deepcopy(model))  # nn.Module's: transformers refuses .float() on some models
+    high = perplexity(reference, batches, len(batches), desc="float32 check").value
+    del reference
+    return {"dtype": str(dtype).removeprefix("torch."), "windows": len(batches), "perplexity": low,
+            "perplexity_float32": high, "relative_difference": low / high - 1 if high else float("nan")}
 
 
 class PerplexityTask(Task):
@@ -80,6 +190,9 @@ class PerplexityTask(Task):
         batches = self.token_windows(tokenizer, settings)
         measurement = perplexity(model, batches, settings.batch_size, desc=self.name)
         measurement.extra["total_windows"] = _token_stream(tokenizer, self.corpus).numel() // settings.seqlen
+        dtype = next(model.parameters()).dtype
+        if dtype in LOW_PRECISION and len(batches):
+            measurement.extra["float32_check"] = float32_check(model, batches[:settings.batch_size], dtype)
         return [measurement]
 
 

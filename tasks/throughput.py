@@ -3,9 +3,23 @@
 For every (batch size, prompt length, decode length) of the grid, random
 prompt tokens (fixed seed) go through one prefill pass (``use_cache``, logits
 of the last position only, as ``generate`` does) and then ``decode`` greedy
-single-token steps on the Hugging Face KV cache. Warm-up passes are run first
-and excluded; each figure is the median over ``repeats``; on CUDA the device is
-synchronized before the clock is read.
+single-token steps. Two decoding paths are measured side by side (the grid's
+``paths``; the record's ``point`` says which):
+
+- ``eager``: the model's forward pass step by step on the Hugging Face
+  dynamic KV cache - what eager ``generate`` does (svdbench's figures before
+  the compiled path existed);
+- ``compiled``: Hugging Face's static KV cache (preallocated for the grid's
+  longest prompt + decode) and a ``torch.compile``-d one-token step
+  (``fullgraph``, static shapes), as a deployment would decode. Its prefill is
+  eager, so it reports ``decode_tok_s`` and ``kv_cache_mb`` only. The step is
+  compiled once per model and batch size; the compile time is excluded from
+  the figures and kept in ``extra["compile_seconds"]``. On a CPU the compile
+  takes tens of seconds or more per model, which is why the main job's
+  ``throughput_quick`` measures the eager path only.
+
+Warm-up passes are run first and excluded; each figure is the median over
+``repeats``; on CUDA the device is synchronized before the clock is read.
 
 Measurements per grid point (the point is in ``extra``):
 
@@ -26,9 +40,9 @@ Measurements per grid point (the point is in ``extra``):
 MB here are MiB (2**20 bytes), as in the report. Speed depends on the machine
 and its load: compare models measured in the same run (dense is always
 measured first), as ratios. ``throughput`` has a grid sized for two CPU
-cores; ``throughput_quick`` (batch 1, prompt 128, decode 16) is the main job's;
-``throughput_v2`` is SVD-LLM V2's setting (batch 4, prompt 1024,
-decode 256). ``limit`` and ``batch_size`` of the run do not apply.
+cores; ``throughput_quick`` (batch 1, prompt 128, decode 16, eager only) is
+the main job's; ``throughput_v2`` is SVD-LLM V2's setting (batch 4, prompt
+1024, decode 256). ``limit`` and ``batch_size`` of the run do not apply.
 """
 
 from __future__ import annotations
@@ -36,6 +50,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import inspect
+import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -44,9 +60,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import EvalSettings, Measurement, Metric, Task, footprint, hookimpl
+from bench import EvalSettings, Measurement, Metric, Task, execution_device, footprint, hookimpl
 
 MIB = 2**20
+PATHS = ("eager", "compiled")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,13 +77,19 @@ class Grid:
     decode_lengths: tuple[int, ...] = (32,)
     repeats: int = 3
     warmup: int = 1
+    paths: tuple[str, ...] = PATHS
+
+    def __post_init__(self):
+        unknown = sorted(set(self.paths) - set(PATHS))
+        if unknown or not self.paths:
+            raise ValueError(f"throughput paths {self.paths!r}: each must be one of {PATHS}")
 
     def points(self) -> list[tuple[int, int, int]]:
         return [(b, p, g) for b in self.batch_sizes for p in self.prompt_lengths for g in self.decode_lengths]
 
 
 CPU_GRID = Grid()
-QUICK_GRID = Grid(batch_sizes=(1,), prompt_lengths=(128,), decode_lengths=(16,), repeats=3, warmup=1)
+QUICK_GRID = Grid(batch_sizes=(1,), prompt_lengths=(128,), decode_lengths=(16,), repeats=3, warmup=1, paths=("eager",))
 V2_GRID = Grid(batch_sizes=(4,), prompt_lengths=(1024,), decode_lengths=(256,), repeats=3, warmup=1)
 
 
@@ -127,9 +152,20 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def cache_argument(model: nn.Module) -> str:
+    """The forward pass's name for the KV cache: ``cache`` (transformers >= 5.x renamed it), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def generate_timed(model: nn.Module, prompt: torch.Tensor, decode: int) -> tuple[float, float, int]:
     """(prefill seconds, decode seconds, KV-cache bytes) of one greedy generation."""
     device = prompt.device
+    name = cache_argument(model)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     _sync(device)
     start = time.perf_counter()
@@ -137,25 +173,119 @@ def generate_timed(model: nn.Module, prompt: torch.Tensor, decode: int) -> tuple
     token = out.logits[:, -1:].argmax(-1)
     _sync(device)
     prefilled = time.perf_counter()
-    cache = out.past_key_values
+    cache = _returned_cache(out)
     for _ in range(decode):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        cache = _returned_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     _sync(device)
     done = time.perf_counter()
     return prefilled - start, done - prefilled, kv_cache_bytes(cache)
 
 
+class CompiledDecoder:
+    """Greedy decoding on Hugging Face's static KV cache with a ``torch.compile``-d one-token step.
+
+    One instance per model and batch size: the cache holds ``max_len``
+    positions and the step is compiled for exactly these shapes
+    (``fullgraph``: a graph break is an error, never a silent eager fall-back).
+    ``compile=False`` runs the same static-cache step eagerly (for tests).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, compile: bool = True):
+        from transformers import StaticCache
+
+        self.model, self.name = model, cache_argument(model)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if compile:
+            torch._dynamo.reset()  # a fresh model: drop graphs (and guards) compiled for the previous one
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=token, position_ids=position, use_cache=True, **{self.name: self.cache}).logits
+
+    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor, decode: int) -> tuple[float, float, int, list[torch.Tensor]]:
+        """(prefill seconds, decode seconds, KV-cache bytes, the greedy tokens) of one generation."""
+        device = prompt.device
+        self.cache.reset()
+        length = prompt.shape[1]
+        _sync(device)
+        start = time.perf_counter()
+        out = self.model(input_ids=prompt, position_ids=torch.arange(length, device=device)[None], use_cache=True,
+                         logits_to_keep=1, **{self.name: self.cache})
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        prefilled = time.perf_counter()
+        tokens = [token]
+        for i in range(decode):
+            position = torch.full((1, 1), length + i, dtype=torch.long, device=device)
+            token = self.step(token, position)[:, -1:].argmax(-1)
+            tokens.append(token)
+        _sync(device)
+        done = time.perf_counter()
+        return prefilled - start, done - prefilled, kv_cache_bytes(self.cache), tokens
+
+
+def measure_compiled(model: nn.Module, grid: Grid, prompts: dict, weights: int) -> list[Measurement]:
+    """Decode tokens/s and static KV-cache size of the compiled path at every grid point."""
+    device = execution_device(model)  # the offload hooks' device when blocks are offloaded
+    max_len = max(p + g for _, p, g in grid.points())
+    measurements = []
+    for batch in grid.batch_sizes:
+        start = time.perf_counter()
+        try:
+            decoder = CompiledDecoder(model, max_len)
+            first = min(p for _, p, _ in grid.points())
+            decoder.generate(prompts[(batch, first, grid.decode_lengths[0])], 1)  # compiles
+        except Exception as error:  # no C++ compiler, an unsupported model: say so in the records, keep the rest
+            log.warning("throughput: the compiled path failed for batch %d: %s: %s", batch, type(error).__name__, error)
+            for b, p, g in (pt for pt in grid.points() if pt[0] == batch):
+                point = {"batch_size": b, "prompt_len": p, "decode_len": g, "path": "compiled"}
+                measurements.append(Measurement("decode_tok_s", math.nan, {"error": f"{type(error).__name__}: {error}"},
+                                                point))
+            continue
+        compile_seconds = time.perf_counter() - start
+        for b, prompt_len, decode in (pt for pt in grid.points() if pt[0] == batch):
+            prompt = prompts[(b, prompt_len, decode)]
+            for _ in range(grid.warmup):
+                decoder.generate(prompt, decode)
+            seconds, kv = [], 0
+            for _ in range(grid.repeats):
+                _, d_s, kv, _ = decoder.generate(prompt, decode)
+                seconds.append(d_s)
+            point = {"batch_size": b, "prompt_len": prompt_len, "decode_len": decode, "path": "compiled"}
+            how = {"repeats": grid.repeats, "warmup": grid.warmup, "device": str(device),
+                   "threads": torch.get_num_threads(), "compile_seconds": round(compile_seconds, 2),
+                   "cache": f"static, {max_len} positions", "weights_mb": weights / MIB}
+            med = statistics.median(seconds)
+            measurements += [
+                Measurement("decode_tok_s", b * decode / med if decode else float("nan"), {**how, "seconds": seconds},
+                            point),
+                Measurement("kv_cache_mb", kv / MIB, {**how, "bytes": kv}, point),
+            ]
+    return measurements
+
+
 def measure(model: nn.Module, grid: Grid, seed: int = 0) -> list[Measurement]:
-    """Every grid point's throughput and memory for ``model`` (in eval mode, on its device)."""
-    device = next(model.parameters()).device
+    """Every grid point's throughput and memory for ``model`` (in eval mode, on its device), on each path."""
+    device = execution_device(model)  # the offload hooks' device when blocks are offloaded
     vocab = model.config.vocab_size
     weights = footprint(model)["bytes"]
     generator = torch.Generator().manual_seed(seed)
+    prompts = {(b, p, g): torch.randint(0, vocab, (b, p), generator=generator).to(device) for b, p, g in grid.points()}
+    measurements = measure_eager(model, grid, prompts, weights) if "eager" in grid.paths else []
+    if "compiled" in grid.paths:
+        measurements += measure_compiled(model, grid, prompts, weights)
+    return measurements
+
+
+def measure_eager(model: nn.Module, grid: Grid, prompts: dict, weights: int) -> list[Measurement]:
+    """Prefill/decode tokens/s, peak memory and KV-cache size of eager decoding on the dynamic cache."""
+    device = execution_device(model)  # the offload hooks' device when blocks are offloaded
     measurements = []
     for batch, prompt_len, decode in grid.points():
-        prompt = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
+        prompt = prompts[(batch, prompt_len, decode)]
         for _ in range(grid.warmup):
             generate_timed(model, prompt, decode)
         prefill, dec, increments, exact = [], [], [], True
@@ -167,7 +297,7 @@ def measure(model: nn.Module, grid: Grid, seed: int = 0) -> list[Measurement]:
             increments.append(peak.increment)
             exact &= peak.exact
         p_med, d_med = statistics.median(prefill), statistics.median(dec)
-        point = {"batch_size": batch, "prompt_len": prompt_len, "decode_len": decode}
+        point = {"batch_size": batch, "prompt_len": prompt_len, "decode_len": decode, "path": "eager"}
         how = {"repeats": grid.repeats, "warmup": grid.warmup, "device": str(device), "threads": torch.get_num_threads()}
         measurements += [
             Measurement("prefill_tok_s", batch * prompt_len / p_med, {**how, "seconds": prefill}, point),
@@ -192,7 +322,8 @@ class Throughput(Task):
     def __init__(self, name: str = "throughput", grid: Grid = CPU_GRID, description: str = ""):
         self.name, self.grid = name, grid
         self.description = description or (f"prefill/decode tokens/s and peak memory, batch {grid.batch_sizes} x "
-                                           f"prompt {grid.prompt_lengths} x decode {grid.decode_lengths}")
+                                           f"prompt {grid.prompt_lengths} x decode {grid.decode_lengths}, "
+                                           f"{' and '.join(grid.paths)} decoding")
 
     def settings_key(self, settings: EvalSettings) -> dict:
         return {"grid": dataclasses.asdict(self.grid), "device": settings.device}
@@ -204,6 +335,6 @@ class Throughput(Task):
 @hookimpl
 def register_tasks(register):
     register(Throughput("throughput", CPU_GRID))
-    register(Throughput("throughput_quick", QUICK_GRID, "one point (batch 1, prompt 128, decode 16): the main job's "
-                        "speed-up check, a few seconds per model on two CPU cores"))
+    register(Throughput("throughput_quick", QUICK_GRID, "one point (batch 1, prompt 128, decode 16), eager decoding: "
+                        "the main job's speed-up check, a few seconds per model on two CPU cores"))
     register(Throughput("throughput_v2", V2_GRID, "SVD-LLM V2 setting: batch 4, prompt 1024, decode 256"))

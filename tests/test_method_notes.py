@@ -17,21 +17,12 @@ from reports.records import frame
 from reports.tables import allocation_table, build_tables, methods_table
 
 ROOT = Path(__file__).resolve().parent.parent
-# ASVD's notes come with issue 15 (its own session); remove it here once they are merged.
-NOTES_PENDING = {"asvd"}
-
-
 def test_every_builtin_method_declares_its_paper_and_deviations(registry):
-    missing = {name for name, method in registry.methods.items() if method.notes is None}
-    assert missing <= NOTES_PENDING, missing
     for name, method in registry.methods.items():
-        if method.notes is None:
-            continue
         assert isinstance(method.notes, PaperNotes) and method.notes.paper and method.notes.paper_defaults, name
         assert all(isinstance(d, str) and d for d in method.notes.deviations), name
     # the deviations the issue names are written down where they apply
-    notes = {name: " ".join(registry.methods[name].notes.deviations) for name in registry.methods
-             if registry.methods[name].notes}
+    notes = {name: " ".join(method.notes.deviations) for name, method in registry.methods.items()}
     assert "svdllm_w" in notes["svdllm_quant"] and "base=svdllm" in notes["svdllm_quant"]
     assert "L_min <= 1" in notes["svdllm_v2"] and "this project's rule" in notes["svdllm_v2"]
     assert "gram of its input in the original model" in notes["gptq"]

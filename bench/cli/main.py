@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.errors import UsageError
 from bench.interrupts import install as install_interrupt_handler
+from bench.threads import configure as configure_threads
 
 EXIT_USAGE = 2
 EXIT_FAILURES = 1
@@ -60,6 +61,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdbench", description="Compare SVD compression methods for LLMs.")
     parser.add_argument("--plugins-dir", action="append", default=[], help="load every .py file in this directory as a plugin")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", default=None, help="torch threads, before the command: svdbench --threads 2 run "
+                        "... (default: the CPUs this process may use; see bench/threads.py)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="compress a model with several methods and ratios and evaluate every result")
@@ -113,7 +116,7 @@ def _explicit(args: argparse.Namespace) -> dict:
     """The run settings given on the command line, nested like :class:`RunConfig`."""
     explicit: dict = {}
     for dest, value in vars(args).items():
-        if dest in ("command", "plugins_dir", "verbose", "profile", "with_published", "method", "ratio", "force"):
+        if dest in ("command", "plugins_dir", "verbose", "profile", "with_published", "method", "ratio", "force", "threads"):
             continue
         if dest == "method_options":
             value = _method_options(value)
@@ -241,6 +244,13 @@ def _plugins_dirs(argv: list[str]) -> list[str]:
     return known.plugins_dir
 
 
+def _threads(argv: list[str]) -> str | None:
+    """``--threads``, read before anything imports torch (the thread policy must be set first)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--threads", default=None)
+    return early.parse_known_args(argv)[0].threads
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -248,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     install_interrupt_handler()  # Ctrl-C is never swallowed by a finalizer
     try:
+        configure_threads(_threads(argv))  # before anything imports torch
         from bench.engine.plugins import load_registry
 
         plugins_dirs = _plugins_dirs(argv)

@@ -63,6 +63,7 @@ from bench.model.loaded import LoadedModel
 from bench.model.loading import load_model, reload_weights
 from bench.model.targets import find_targets, footprint
 from bench.storage import Lock, cache_root, disk_error, is_disk_error, json_key
+from bench.threads import describe
 
 log = logging.getLogger(__name__)
 
@@ -536,6 +537,7 @@ def manifest(config: RunConfig, registry: Registry, workspace: Workspace, plan: 
         "method_configs": {name: info["config"] for name, info in described.items()},
         "tasks": {name: registry.get("task", name).describe() for name in config.tasks},
         "timings": workspace.timings,
+        "threads": describe(),
     }
 
 

@@ -1,0 +1,123 @@
+"""How svdbench uses the CPU: a thread policy that holds up when the machine is shared.
+
+torch's OpenMP workers spin while they wait at the end of every parallel
+region. On a machine where another process wants a core, a spinning worker
+keeps the core from the worker that still has work, and every region of a
+forward pass (hundreds per pass) waits for the scheduler: on two cores one
+competing process made SVDs and evaluations many times slower (issue 15;
+``benchmarks/contention.py`` measures it). :func:`configure` therefore,
+before torch starts its thread pools (it must run before ``import torch``):
+
+- sets ``OMP_WAIT_POLICY=PASSIVE`` (idle workers sleep instead of spinning)
+  unless the user set a policy;
+- sizes the pools from the CPUs this process may actually use - its affinity
+  mask and its cgroup CPU quota, whichever is smaller - instead of the
+  machine's core count (a container limited to 2 CPUs on a 64-core host
+  would otherwise start 64 workers); ``--threads N`` or ``OMP_NUM_THREADS``
+  override it;
+- turns off the tokenizers library's own thread pool
+  (``TOKENIZERS_PARALLELISM=false``) unless the user set it: a third pool
+  competing with torch's for the same cores buys nothing here.
+
+:func:`describe` is what the run manifest records. This module imports no
+torch at module level, so the command line can call :func:`configure` first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+from bench.errors import UsageError
+
+WAIT_POLICY = "PASSIVE"
+
+_state: dict = {}
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup's CPU quota (v2 ``cpu.max``, else v1 ``cfs_quota_us``); ``None``: no quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
+    """(CPUs this process may use, where the limit comes from): the affinity mask or the cgroup quota."""
+    try:
+        count, source = len(os.sched_getaffinity(0)), "affinity mask"
+    except (AttributeError, OSError):  # not Linux
+        count, source = os.cpu_count() or 1, "cpu count"
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None and math.ceil(quota) < count:
+        count, source = max(1, math.ceil(quota)), "cgroup CPU quota"
+    return count, source
+
+
+def _positive(value: str | None) -> int | None:
+    try:
+        number = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return number if number and number > 0 else None
+
+
+def configure(threads: int | str | None = None) -> dict:
+    """Set the thread policy for this process; call it before ``import torch``. Returns :func:`describe`.
+
+    ``threads`` (``--threads``) wins over ``OMP_NUM_THREADS``, which wins
+    over the CPUs available. If torch is already imported, the thread count
+    is still applied but the wait policy no longer can be (it is read when
+    torch loads OpenMP); ``describe()`` says so.
+    """
+    if threads is not None:
+        count = _positive(str(threads))
+        if count is None:
+            raise UsageError(f"--threads {threads} must be a whole number >= 1 (or leave it out: the CPUs available)")
+        threads = count
+    late = "torch" in sys.modules
+    if "OMP_WAIT_POLICY" in os.environ:
+        policy_source = "environment"
+    else:
+        os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
+        policy_source = "svdbench"
+    cpus, cpus_source = available_cpus()
+    from_env = _positive(os.environ.get("OMP_NUM_THREADS"))
+    if threads is not None:
+        count, count_source = threads, "--threads"
+    elif from_env is not None:
+        count, count_source = from_env, "OMP_NUM_THREADS"
+    else:
+        count, count_source = cpus, cpus_source
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if late:
+        import torch
+
+        torch.set_num_threads(count)
+    _state.clear()
+    _state.update({"wait_policy": os.environ["OMP_WAIT_POLICY"], "wait_policy_source": policy_source,
+                   "threads": count, "threads_source": count_source, "cpus_available": cpus,
+                   "cpus_source": cpus_source, "tokenizers_parallelism": os.environ["TOKENIZERS_PARALLELISM"],
+                   "applied_before_torch": not late})
+    return describe()
+
+
+def describe() -> dict:
+    """The thread policy in force (for the run manifest): wait policy, thread count and where each came from."""
+    info = dict(_state) if _state else {"wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (torch default)"),
+                                        "wait_policy_source": "not configured by svdbench"}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+    return info

@@ -1,0 +1,118 @@
+"""The thread policy: set before torch loads, sized from the CPUs available, overridable, recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.threads import _cgroup_quota, available_cpus
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+SVDBENCH = [sys.executable, "-c", "import sys; from bench.cli import main; sys.exit(main())"]
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter whose environment has no thread settings but ``env``."""
+    clean = {k: v for k, v in os.environ.items() if k not in POLICY_VARIABLES}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
+CONFIGURE_THEN_TORCH = """
+import json, sys
+from bench.threads import configure, describe
+configure({threads!r})
+import torch
+torch.ones(4, 4) @ torch.ones(4, 4)  # starts the OpenMP pool
+print(json.dumps({{"torch": torch.get_num_threads(), "policy": describe()}}))
+"""
+
+
+def test_importing_bench_and_its_cli_does_not_import_torch():
+    done = _python("import sys, bench, bench.cli.main, bench.threads; print('torch' in sys.modules)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_configure_reaches_openmp_before_torch_starts():
+    """OpenMP itself reports the passive policy and the thread count (``OMP_DISPLAY_ENV``)."""
+    done = _python(CONFIGURE_THEN_TORCH.format(threads=None), OMP_DISPLAY_ENV="TRUE")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    cpus, _ = available_cpus()
+    assert result["torch"] == cpus == result["policy"]["threads"] == result["policy"]["torch_threads"]
+    assert result["policy"]["wait_policy"] == "PASSIVE" and result["policy"]["wait_policy_source"] == "svdbench"
+    assert result["policy"]["applied_before_torch"] is True
+    displayed = done.stdout + done.stderr
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in displayed and f"OMP_NUM_THREADS = '{cpus}'" in displayed
+
+
+def test_threads_flag_beats_the_environment_and_a_user_policy_is_kept():
+    done = _python(CONFIGURE_THEN_TORCH.format(threads="1"), OMP_NUM_THREADS="2", OMP_WAIT_POLICY="ACTIVE")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["torch"] == 1 and result["policy"]["threads_source"] == "--threads"
+    assert result["policy"]["wait_policy"] == "ACTIVE" and result["policy"]["wait_policy_source"] == "environment"
+
+
+def test_omp_num_threads_is_respected_without_the_flag():
+    done = _python(CONFIGURE_THEN_TORCH.format(threads=None), OMP_NUM_THREADS="1")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["torch"] == 1 and result["policy"]["threads_source"] == "OMP_NUM_THREADS"
+
+
+def test_configure_after_torch_still_sets_the_count_and_says_the_policy_came_late():
+    done = _python("import json, torch\nfrom bench.threads import configure\n"
+                   "print(json.dumps([configure(1), torch.get_num_threads()]))")
+    policy, torch_threads = json.loads(done.stdout.strip().splitlines()[-1])
+    assert torch_threads == 1 and policy["applied_before_torch"] is False
+
+
+def test_cli_rejects_a_bad_thread_count_in_one_line():
+    done = subprocess.run([*SVDBENCH, "--threads", "0", "plugins"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--threads 0 must be a whole number >= 1" in done.stderr
+
+
+@pytest.mark.real_model
+def test_cli_runs_with_threads_and_the_manifest_records_the_policy(tmp_path):
+    """``svdbench --threads 1 run``: the manifest holds the thread count and where it came from."""
+    out = tmp_path / "run"
+    done = subprocess.run([*SVDBENCH, "--threads", "1", "run", "--methods", "none",
+                           "--tasks", "wikitext2", "--limit", "1", "--seqlen", "32", "--model", "smollm2-135m",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k not in POLICY_VARIABLES})
+    assert done.returncode == 0, done.stderr[-2000:]
+    threads = json.loads((out / "results.json").read_text())["manifest"]["threads"]
+    assert threads["threads"] == threads["torch_threads"] == 1 and threads["threads_source"] == "--threads"
+    assert threads["wait_policy"] == "PASSIVE"
+    assert "- CPU: 1 torch threads (--threads), OpenMP wait policy PASSIVE." in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_cgroup_quota_v1_and_v2(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_quota(tmp_path) == expected
+
+
+def test_a_cpu_quota_below_the_affinity_mask_limits_the_threads(tmp_path):
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU
+    assert available_cpus(tmp_path) == (1, "cgroup CPU quota")
+    (tmp_path / "cpu.max").write_text(f"{1000 * 100000} 100000\n")  # far more than the mask allows
+    count, source = available_cpus(tmp_path)
+    assert count == len(os.sched_getaffinity(0)) and source == "affinity mask"
