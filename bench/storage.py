@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,18 @@ def json_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def unique_suffix() -> str:
+    """A name part no other writer uses: the host and process (for whoever finds leftovers) and a random token.
+
+    The process id alone is not enough: on a filesystem shared by several
+    machines two writers can have the same one.
+    """
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
 def temporary_sibling(path: Path) -> Path:
-    """A temporary name next to ``path`` that no other process uses."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """A temporary name next to ``path`` that no other process or machine uses."""
+    return path.with_name(f".{path.name}.{unique_suffix()}.tmp")
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

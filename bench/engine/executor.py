@@ -1,9 +1,12 @@
 """Executing a plan: groups of cells, each a decomposition shared by its ratios, budgets and tasks.
 
-:func:`run` is the local executor: it loads the model, plans the run, drops
-the cells already in results.json, and runs the remaining groups one after
-the other in this process, writing every finished cell at once. A method
-that fails is recorded in ``failures`` and the others go on.
+:func:`run` is the driver: it loads the model, plans the run, drops the
+cells already in results.json, and has the remaining groups executed - one
+after the other in this process (the local executor), or as Ray tasks in
+parallel (``--executor ray``, :mod:`bench.engine.distributed`). Either way
+the driver alone writes results.json, every finished cell (local) or group
+(Ray) at once, and a method or group that fails is recorded in ``failures``
+while the others go on.
 
 :func:`run_group` executes one group on a :class:`Workspace` - what the
 groups of one process share: the loaded model, its targets, the calibration
@@ -15,10 +18,12 @@ calls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,7 +39,9 @@ from bench.corpora import calibration_checksum
 from bench.engine.budget import budget_bytes, fit_budget, parse_budget
 from bench.engine.calibration import calibration_batches, collect_statistics
 from bench.engine.compress import Compressed, accounting, assemble_from_checkpoint, build_compressed
-from bench.engine.config import RunConfig
+from bench.engine.config import ExecutorConfig, RunConfig
+from bench.engine.distributed import RayTasks, import_ray, this_node
+from bench.engine.outlock import out_dir_lock
 from bench.engine.plan import (
     RATIO_DEFINITION,
     Cell,
@@ -448,6 +455,10 @@ def execute_group(plan_data: dict, index: int, loaded: LoadedModel | None = None
                          "give every worker the same model files")
     collected = Collected()
     group = plan.groups[index]
+    # only the statistics this group's methods need: the plan's others are other groups' work, done by other
+    # workers, maybe at the same time (the local executor collects them all in one pass instead)
+    plan = dataclasses.replace(plan, statistics=tuple(dict.fromkeys(
+        s for name in group.methods if name != DENSE for s in workspace.create(name).required_statistics())))
     if group.methods != (DENSE,):
         workspace.dense_footprint  # noqa: B018 (measured while the dense model is in memory)
         _prepare(workspace, [workspace.create(name) for name in group.methods], plan.statistics, collected)
@@ -486,9 +497,13 @@ def manifest(config: RunConfig, registry: Registry, workspace: Workspace, plan: 
 class _ResultsSink:
     """The local executor's sink: every finished cell goes straight into results.json."""
 
-    def __init__(self, results: Results, workspace: Workspace):
-        self.results, self.workspace = results, workspace
-        self.add, self.add_compression, self.add_failure = results.add, results.add_compression, results.add_failure
+    def __init__(self, results: Results, workspace: Workspace, progress):
+        self.results, self.workspace, self.progress = results, workspace, progress
+        self.add_compression, self.add_failure = results.add_compression, results.add_failure
+
+    def add(self, records: list[Record]) -> None:
+        self.results.add(records)
+        self.progress.update(1)  # one call per evaluated cell
 
     def add_timing(self, label: str, seconds: float) -> None:
         self.results.manifest["timings"] = self.workspace.timings
@@ -498,33 +513,127 @@ def plan_run(config: RunConfig, registry: Registry, workspace: Workspace) -> Pla
     return make_plan(config, registry, workspace.loaded.identity, workspace.dense_footprint["bytes"])
 
 
-def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel | None = None) -> Results:
-    """Run ``config`` into ``config.out`` in this process, resuming what is already there."""
-    start = time.perf_counter()
-    registry = registry or load_registry(config.plugins_dirs)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {config.device} but CUDA is not available; use --device cpu")
-    validate(config, registry)
-    workspace = Workspace(config, registry, loaded)
-    plan = plan_run(config, registry, workspace)
-    results = Results(config.out)
-    results.keep_only(plan.keys())
-    results.manifest.update(manifest(config, registry, workspace, plan))
-    results.save()
-    pending = plan.pending(results.done)
-    skipped = len(plan.cells()) - len(pending.cells())
-    if skipped:
-        log.info("%d of %d cells already in %s; computing the other %d", skipped, len(plan.cells()), results.path,
-                 len(pending.cells()))
-    sink = _ResultsSink(results, workspace)
-    for group in pending.groups:
+def _progress(total: int):
+    """The driver's one progress bar over the cells still to compute (shown on a terminal only)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="cells", unit="cell", disable=None, dynamic_ncols=True)
+
+
+def _run_local(workspace: Workspace, plan: Plan, results: Results, progress, groups: dict) -> None:
+    """Every pending group in this process, one after the other."""
+    sink = _ResultsSink(results, workspace, progress)
+    done = progress.n
+    for group in plan.groups:
+        start = time.perf_counter()
         if group.methods != (DENSE,) and not getattr(workspace, "_prepared", False):
             # every pending decomposition in one pass over the blocks, while the dense model is in memory
-            methods = [workspace.create(name) for g in pending.groups for name in g.methods if name != DENSE]
+            methods = [workspace.create(name) for g in plan.groups for name in g.methods if name != DENSE]
             _prepare(workspace, methods, plan.statistics, sink)
             workspace._prepared = True
-        run_group(workspace, pending, group, sink)
-    workspace.timed("total", start)
-    results.manifest["timings"] = workspace.timings
-    results.save()
+        run_group(workspace, plan, group, sink)
+        done += len(group.cells)
+        progress.update(done - progress.n)  # cells that failed count as done too
+        groups[group.label] = {"node": this_node(), "cells": len(group.cells),
+                               "seconds": round(time.perf_counter() - start, 3)}
+        results.save()
+
+
+_WORKER_MODEL: dict[tuple, LoadedModel] = {}  # the model a worker process loaded for an earlier group
+
+
+def worker_execute_group(plan_data: dict, index: int) -> dict:
+    """:func:`execute_group` in a long-lived worker: a model loaded for an earlier group of this run is reused."""
+    config = RunConfig.from_dict(plan_data["config"])
+    spec = (config.model, config.device, config.dtype)
+    loaded = _WORKER_MODEL.get(spec)
+    seconds = 0.0
+    if loaded is None or loaded.identity != plan_data["model_identity"]:
+        _WORKER_MODEL.clear()
+        start = time.perf_counter()
+        loaded = _WORKER_MODEL[spec] = load_model(config.model, config.device, getattr(torch, config.dtype))
+        seconds = round(time.perf_counter() - start, 3)
+    produced = execute_group(plan_data, index, loaded)
+    produced["timings"]["load_model"] = seconds
+    return produced
+
+
+def _group_failures(group: CellGroup, error: BaseException) -> list[dict]:
+    """A group whose task never returned: every method of it failed (the others go on)."""
+    return [{"method": name, "ratio": None, "stage": "ray task",
+             "error": f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"}
+            for name in group.methods]
+
+
+def _run_ray(tasks: RayTasks, plan: Plan, results: Results, progress, groups: dict) -> None:
+    """Every pending group as a Ray task; each group's records are written as soon as its task returns."""
+    data = tasks.put(plan.to_dict())
+    for index, group in enumerate(plan.groups):
+        tasks.submit(worker_execute_group, (data, index), tag=group, name=f"svdbench:{group.label}")
+    for outcome in tasks.completed():
+        group = outcome.tag
+        if outcome.error is not None:
+            if isinstance(outcome.cause, UsageError):  # bad input: every group would meet it
+                raise outcome.cause
+            log.error("group %s failed: %s", group.label, outcome.cause)
+            results.data["failures"].extend(_group_failures(group, outcome.cause))
+            groups[group.label] = {"node": None, "cells": len(group.cells), "error": str(outcome.cause)[:500]}
+            results.save()
+        else:
+            produced = outcome.value
+            results.data["compressions"].update(produced["compressions"])
+            results.data["failures"].extend(produced["failures"])
+            results.manifest["timings"].update(  # method-specific labels; the rest stay with the group
+                {label: seconds for label, seconds in produced["timings"].items() if ":" in label})
+            groups[group.label] = {"node": outcome.node, "cells": len(group.cells), "seconds": outcome.seconds,
+                                   "timings": produced["timings"]}
+            results.add([Record.from_dict(r) for r in produced["records"]])  # saved: the group's cells are safe
+        progress.update(len(group.cells))
+
+
+def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel | None = None,
+        executor: ExecutorConfig | None = None) -> Results:
+    """Run ``config`` into ``config.out``, resuming what is already there.
+
+    The groups run in this process (``executor.kind`` local, the default) or
+    as Ray tasks; either way only this process writes results.json, and only
+    one process at a time may write to ``config.out``.
+    """
+    start = time.perf_counter()
+    executor = executor or ExecutorConfig()
+    registry = registry or load_registry(config.plugins_dirs)
+    distributed = executor.kind == "ray"
+    if distributed:
+        import_ray()  # fail before loading anything when Ray is missing
+    elif config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {config.device} but CUDA is not available; use --device cpu")
+    validate(config, registry)
+    with out_dir_lock(config.out), (RayTasks(executor, config.device) if distributed else nullcontext()) as tasks:
+        # the Ray driver only plans: it reads the model on the CPU and leaves the devices to the workers
+        workspace = Workspace(dataclasses.replace(config, device="cpu") if distributed else config, registry, loaded)
+        plan = plan_run(config, registry, workspace)
+        results = Results(config.out)
+        results.keep_only(plan.keys())
+        labels = {group.label for group in plan.groups}
+        previous = {label: where for label, where in results.manifest.get("executor", {}).get("groups", {}).items()
+                    if label in labels}
+        results.manifest.update(manifest(config, registry, workspace, plan))
+        groups = dict(previous)  # which node ran each group, this run's and earlier runs' of the same --out
+        results.manifest["executor"] = {"kind": executor.kind, **(tasks.describe() if distributed else {}),
+                                        "groups": groups}
+        results.save()
+        pending = plan.pending(results.done)
+        skipped = len(plan.cells()) - len(pending.cells())
+        if skipped:
+            log.info("%d of %d cells already in %s; computing the other %d", skipped, len(plan.cells()), results.path,
+                     len(pending.cells()))
+        with _progress(len(pending.cells())) as progress:
+            if distributed:
+                workspace.release_model()
+                _run_ray(tasks, pending, results, progress, groups)
+            else:
+                _run_local(workspace, pending, results, progress, groups)
+        workspace.timed("total", start)
+        results.manifest["timings"].update(workspace.timings)
+        results.save()
     return results
