@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="svd,fwsvd,svdllm_w", help="with the dense model, the plan's groups")
     parser.add_argument("--ratios", default="0.2,0.4")
     parser.add_argument("--ray-cpus-per-task", type=float, default=1.0)
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the local Ray instance (default: Ray counts them); e.g. 2 under taskset -c 0,1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     start = time.perf_counter()
-    ray.init(logging_level=logging.WARNING)  # a local instance with every core
+    ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING)  # a local instance
     ray_start = time.perf_counter() - start
     cpus = ray.cluster_resources().get("CPU", 0)
     walls, values = {}, {}
@@ -86,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                       + (f", model load {group['timings'].get('load_model', 0):.1f} s" if "timings" in group else ""))
     ray.shutdown()
     ratio = walls["ray"] / walls["local"]
+    import torch
+
     print(f"ray start (not in the ray wall time): {ray_start:.1f} s; Ray CPUs {cpus:g}, "
-          f"{args.ray_cpus_per_task:g} per task; local torch threads: default")
+          f"{args.ray_cpus_per_task:g} per task; local torch threads: {torch.get_num_threads()}")
     print(f"ratio ray/local: {ratio:.3f} (goal <= {GOAL}); with Ray's start: {(walls['ray'] + ray_start) / walls['local']:.3f}")
     same = values["local"] == values["ray"]
     print("records: identical" if same else "records: DIFFER")

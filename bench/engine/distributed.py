@@ -85,7 +85,8 @@ def in_worker(function: Callable, env: dict[str, str], *args) -> dict:
     torch.set_num_threads(threads)
     start = time.perf_counter()
     value = function(*args)
-    return {"value": value, "node": {**this_node(), "threads": threads},
+    gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    return {"value": value, "node": {**this_node(), "threads": threads, "gpus": list(gpus)},
             "seconds": round(time.perf_counter() - start, 3)}
 
 
