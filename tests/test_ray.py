@@ -84,6 +84,16 @@ def test_executor_flags_are_checked(capsys, tmp_path):
         assert words in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_asking_a_local_instance_for_gpus_it_lacks_is_an_error_not_a_hang(checkpoint_dir, tmp_path):
+    pytest.importorskip("ray")
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--executor", "ray", "--ray-gpus-per-task", "1",
+                           "--model", str(checkpoint_dir), "--methods", "svd", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "svdbench: error: each task asks for 1 CPUs and 1 GPUs but the Ray cluster has" in done.stderr
+
+
 # --------------------------------------------------------------------------- stores shared by workers
 
 def test_two_writers_of_one_entry_with_one_process_id_never_clash(tmp_path):

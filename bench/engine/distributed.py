@@ -136,9 +136,12 @@ class RayTasks:
         self._env = forwarded_environment()
         resources = ray.cluster_resources()
         if resources.get("CPU", 0) < self.config.cpus_per_task or resources.get("GPU", 0) < self.num_gpus:
-            raise UsageError(f"each task asks for {self.config.cpus_per_task:g} CPUs and {self.num_gpus:g} GPUs but the "
-                             f"Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs "
-                             "in all; lower --ray-cpus-per-task / --ray-gpus-per-task")
+            problem = (f"each task asks for {self.config.cpus_per_task:g} CPUs and {self.num_gpus:g} GPUs but the Ray "
+                       f"cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs in all")
+            if self._started and self.config.ray_address in (None, "local"):  # a local instance never grows
+                self.__exit__(None, None, None)
+                raise UsageError(f"{problem}; lower --ray-cpus-per-task / --ray-gpus-per-task")
+            log.warning("%s: the tasks wait until the cluster has them (an autoscaling cluster adds nodes)", problem)
         return self
 
     def __exit__(self, kind, error, trace) -> None:
