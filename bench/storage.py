@@ -171,9 +171,14 @@ def make_dir(path: Path | str) -> Path:
 
 # --------------------------------------------------------------------------- atomic writes
 
+HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())  # no dots: temporary names are split on them
+
+
 def temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
-    """A temporary name next to ``path`` that no other process or thread uses (``.name.PID.RANDOM.tmp``)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+    """A temporary name next to ``path`` that no other process, thread or machine uses
+    (``.name.PID.RANDOM-HOST.tmp``: on a filesystem several machines share, a pid means something only on its
+    own host)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}-{HOST}{suffix}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -226,7 +231,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def sweep_temporaries(directory: Path | str) -> list[Path]:
-    """Remove temporaries (``.NAME.PID.X.tmp|partial|old``) that processes no longer alive left in ``directory``."""
+    """Remove temporaries (``.NAME.PID.X-HOST.tmp|partial|old``) that processes of this host no longer alive left
+    in ``directory``; another host's are left alone (their writer may still be running there)."""
     removed = []
     directory = Path(directory)
     if not directory.is_dir():
@@ -236,6 +242,9 @@ def sweep_temporaries(directory: Path | str) -> list[Path]:
         if not name.startswith(".") or not name.endswith(TEMPORARY_SUFFIXES):
             continue
         parts = name.split(".")
+        host = parts[-2].partition("-")[2] if len(parts) > 3 else ""
+        if host and host != HOST:
+            continue
         pids = [int(p) for p in parts[2:-1] if p.isdigit()]
         if not pids or any(pid_alive(pid) for pid in pids[-2:]):
             continue

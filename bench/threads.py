@@ -35,6 +35,7 @@ from bench.errors import UsageError
 WAIT_POLICY = "PASSIVE"
 
 _state: dict = {}
+_ours: dict[str, str] = {}  # the variables an earlier configure() set itself: not the user's on a second call
 
 
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -86,13 +87,14 @@ def configure(threads: int | str | None = None) -> dict:
             raise UsageError(f"--threads {threads} must be a whole number >= 1 (or leave it out: the CPUs available)")
         threads = count
     late = "torch" in sys.modules
-    if "OMP_WAIT_POLICY" in os.environ:
+    if "OMP_WAIT_POLICY" in os.environ and os.environ["OMP_WAIT_POLICY"] != _ours.get("OMP_WAIT_POLICY"):
         policy_source = "environment"
     else:
-        os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
+        os.environ["OMP_WAIT_POLICY"] = _ours["OMP_WAIT_POLICY"] = WAIT_POLICY
         policy_source = "svdbench"
     cpus, cpus_source = available_cpus()
-    from_env = _positive(os.environ.get("OMP_NUM_THREADS"))
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    from_env = _positive(env_threads) if env_threads != _ours.get("OMP_NUM_THREADS") else None
     if threads is not None:
         count, count_source = threads, "--threads"
     elif from_env is not None:
@@ -100,6 +102,10 @@ def configure(threads: int | str | None = None) -> dict:
     else:
         count, count_source = cpus, cpus_source
     os.environ["OMP_NUM_THREADS"] = str(count)
+    if count_source == "OMP_NUM_THREADS":
+        _ours.pop("OMP_NUM_THREADS", None)
+    else:
+        _ours["OMP_NUM_THREADS"] = str(count)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if late:
         import torch

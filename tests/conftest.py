@@ -85,6 +85,15 @@ def tiny(tokenizer) -> LoadedModel:
 
 
 @pytest.fixture
+def checkpoint_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as an ordinary Hugging Face checkpoint (safetensors + config + tokenizer)."""
+    path = tmp_path / "tiny-checkpoint"
+    tiny_model("llama", vocab_size=len(tokenizer), layers=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def registry():
     return load_registry()
 

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 
-import pytest
 import torch
 from conftest import tiny_model
 
@@ -22,15 +21,6 @@ from bench.model.loaded import LoadedModel
 from bench.model.targets import find_targets
 
 SMALL = dict(tasks=("wikitext2",), limit=1, seqlen=32, calibration=CalibrationConfig(samples=2, seqlen=32))
-
-
-@pytest.fixture
-def checkpoint_dir(tmp_path, tokenizer):
-    """A tiny random Llama saved as an ordinary Hugging Face checkpoint (safetensors + config + tokenizer)."""
-    path = tmp_path / "tiny-checkpoint"
-    tiny_model("llama", vocab_size=len(tokenizer), layers=3).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def values(results) -> dict:

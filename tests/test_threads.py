@@ -67,6 +67,14 @@ def test_omp_num_threads_is_respected_without_the_flag():
     assert result["torch"] == 1 and result["policy"]["threads_source"] == "OMP_NUM_THREADS"
 
 
+def test_a_second_configure_reports_the_same_sources_not_its_own_settings():
+    """The CLI called twice in one process (tests, plugin commands) records the same policy both times."""
+    done = _python("import json\nfrom bench.threads import configure\nprint(json.dumps([configure(), configure()]))")
+    first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first["threads_source"] == second["threads_source"] != "OMP_NUM_THREADS"
+    assert first["wait_policy_source"] == second["wait_policy_source"] == "svdbench"
+
+
 def test_configure_after_torch_still_sets_the_count_and_says_the_policy_came_late():
     done = _python("import json, torch\nfrom bench.threads import configure\n"
                    "print(json.dumps([configure(1), torch.get_num_threads()]))")

@@ -85,6 +85,18 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                           "baseline's settings) or a JSON file of run settings; flags given explicitly override it")
     run.add_argument("--with-published", action="store_true",
                      help="print the papers' LLaMA-7B numbers beside the measured tables")
+    run.add_argument("--executor", dest="executor.kind", default=SUPPRESS,
+                     help="local (default: the groups one after the other in this process) or ray (each group a Ray "
+                          "task, in parallel as resources allow; pip install \"svdbench[ray]\")")
+    run.add_argument("--ray-address", dest="executor.ray_address", default=SUPPRESS,
+                     help="Ray cluster to use: left out, start or join a local instance; 'auto' joins the running "
+                          "cluster (`ray start --head`); or HOST:PORT")
+    run.add_argument("--ray-cpus-per-task", dest="executor.cpus_per_task", default=SUPPRESS,
+                     help="CPUs each group's task asks for (default 1; torch in the task uses that many threads)")
+    run.add_argument("--ray-gpus-per-task", dest="executor.gpus_per_task", default=SUPPRESS,
+                     help="GPUs each group's task asks for (default 1 with --device cuda, else 0)")
+    run.add_argument("--ray-max-retries", dest="executor.max_retries", default=SUPPRESS,
+                     help="times a group is run again when its worker dies (default 2); then it is a failure")
 
     compress = sub.add_parser("compress", help="compress a model with one method at one ratio and save it "
                                                "(safetensors + svdbench.json)")
@@ -142,14 +154,21 @@ def _write_report(registry, data: dict, out_dir: Path, with_published: bool) -> 
 
 
 def _run(args, registry) -> int:
-    from bench.engine.config import resolve_config
+    from bench.api.configs import build_config
+    from bench.engine.config import ExecutorConfig, resolve_config
     from bench.engine.executor import output_lock, run
 
-    config = resolve_config(args.profile, _explicit(args))
+    explicit = _explicit(args)
+    executor = build_config(ExecutorConfig, explicit.pop("executor", {}), "executor")
+    config = resolve_config(args.profile, explicit)
     if args.profile:
         logging.getLogger("svdbench").info("profile %s", args.profile)
+    if executor.kind == "ray":
+        from bench.engine.distributed import import_ray
+
+        import_ray()  # a missing extra fails before anything is written
     with output_lock(config.out).acquire(wait=False):  # held through the report too: one writer per --out
-        results = run(config, registry)
+        results = run(config, registry, executor=executor)
         paths = _write_report(registry, results.data, Path(config.out), args.with_published)
     print(paths[0].read_text())
     print("wrote", ", ".join(str(p) for p in [results.path, *paths]))

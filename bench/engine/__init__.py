@@ -1,1 +1,1 @@
-"""The engine: run settings, the plan of cells, calibration, compression, the budget search and the executor."""
+"""The engine: run settings, the plan of cells, calibration, compression, the budget search and the executors (local and Ray)."""

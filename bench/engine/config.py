@@ -108,6 +108,41 @@ class RunConfig:
         return build_config(cls, values, "run config")
 
 
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How a run's groups are executed: in this process (``local``) or as Ray tasks (``ray``).
+
+    It never changes a result, so it is not part of :class:`RunConfig`, of
+    any resume key or of any cache key; the manifest records it. ``ray_address``
+    None starts or joins a local Ray instance, ``auto`` joins a running
+    cluster, anything else is a cluster address. ``gpus_per_task`` None means
+    1 with ``--device cuda`` and 0 otherwise. A task whose worker dies is run
+    again up to ``max_retries`` times.
+    """
+
+    kind: str = "local"
+    ray_address: str | None = None
+    cpus_per_task: float = 1.0
+    gpus_per_task: float | None = None
+    max_retries: int = 2
+
+    def __post_init__(self):
+        if self.kind not in ("local", "ray"):
+            raise UsageError(f"--executor {self.kind!r} is not an executor; use local or ray")
+        if self.cpus_per_task <= 0:
+            raise UsageError(f"--ray-cpus-per-task {self.cpus_per_task} must be > 0, e.g. 1")
+        if self.gpus_per_task is not None and self.gpus_per_task < 0:
+            raise UsageError(f"--ray-gpus-per-task {self.gpus_per_task} must be >= 0, e.g. 1")
+        if self.max_retries < 0:
+            raise UsageError(f"--ray-max-retries {self.max_retries} must be >= 0, e.g. 2")
+
+    def gpus(self, device: str) -> float:
+        """The GPUs each task asks for on ``device``."""
+        if self.gpus_per_task is not None:
+            return self.gpus_per_task
+        return 1.0 if device.startswith("cuda") else 0.0
+
+
 # Every built-in method, in the order the papers list them (reports keep the run's order).
 BUILTIN_METHODS = ["svd", "fwsvd", "asvd", "svdllm_w", "svdllm_u", "svdllm", "svdllm_v2", "dipsvd", "svdllm_quant", "hqq"]
 

@@ -1,13 +1,16 @@
 """Executing a plan: groups of cells, each a decomposition shared by its ratios, budgets and tasks.
 
-:func:`run` is the local executor: it locks ``--out`` (one writer per
-output directory), opens its record journal, loads the model, plans the run,
-drops the cells already journaled, and runs the remaining groups one after
-the other in this process, journaling every finished cell at once
-(:mod:`bench.engine.results`). A method that fails - an exception, or NaN/inf
-in its statistics, factors, weights or outputs - is recorded in ``failures``
-with its stage and layer, and the others go on; a full disk ends the run with
-one line (finished cells are kept).
+:func:`run` is the driver: it locks ``--out`` (one writer per output
+directory), opens its record journal, loads the model, plans the run, drops
+the cells already journaled, and has the remaining groups executed - one
+after the other in this process (the local executor), or as Ray tasks in
+parallel (``--executor ray``, :mod:`bench.engine.distributed`). Either way
+the driver alone writes the journal and results.json, every finished cell
+at once (:mod:`bench.engine.results`). A method or group that fails - an
+exception, NaN/inf in its statistics, factors, weights or outputs, a Ray
+worker that keeps dying - is recorded in ``failures`` (with its stage and
+layer) while the others go on; a full disk ends the run with one line
+(finished cells are kept).
 
 :func:`run_group` executes one group on a :class:`Workspace` - what the
 groups of one process share: the loaded model, its targets, the calibration
@@ -19,11 +22,13 @@ calls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -40,7 +45,8 @@ from bench.corpora import calibration_checksum
 from bench.engine.budget import budget_bytes, fit_budget, parse_budget
 from bench.engine.calibration import calibration_batches, collect_statistics, stored_statistics
 from bench.engine.compress import Compressed, accounting, assemble_from_checkpoint, build_compressed
-from bench.engine.config import RunConfig
+from bench.engine.config import ExecutorConfig, RunConfig
+from bench.engine.distributed import RayTasks, import_ray, this_node
 from bench.engine.plan import (
     RATIO_DEFINITION,
     Cell,
@@ -505,6 +511,10 @@ def execute_group(plan_data: dict, index: int, loaded: LoadedModel | None = None
                          "give every worker the same model files")
     collected = Collected()
     group = plan.groups[index]
+    # only the statistics this group's methods need: the plan's others are other groups' work, done by other
+    # workers, maybe at the same time (the local executor collects them all in one pass instead)
+    plan = dataclasses.replace(plan, statistics=tuple(dict.fromkeys(
+        s for name in group.methods if name != DENSE for s in workspace.create(name).required_statistics())))
     if group.methods != (DENSE,):
         workspace.dense_footprint  # noqa: B018 (measured while the dense model is in memory)
         _prepare(workspace, [workspace.create(name) for name in group.methods], plan.statistics, collected)
@@ -544,9 +554,13 @@ def manifest(config: RunConfig, registry: Registry, workspace: Workspace, plan: 
 class _ResultsSink:
     """The local executor's sink: every finished cell goes straight into results.json."""
 
-    def __init__(self, results: Results, workspace: Workspace):
-        self.results, self.workspace = results, workspace
-        self.add, self.add_compression, self.add_failure = results.add, results.add_compression, results.add_failure
+    def __init__(self, results: Results, workspace: Workspace, progress):
+        self.results, self.workspace, self.progress = results, workspace, progress
+        self.add_compression, self.add_failure = results.add_compression, results.add_failure
+
+    def add(self, records: list[Record]) -> None:
+        self.results.add(records)
+        self.progress.update(1)  # one call per evaluated cell
 
     def add_timing(self, label: str, seconds: float) -> None:
         self.results.manifest["timings"] = self.workspace.timings
@@ -584,36 +598,125 @@ def check_model_fits(config: RunConfig, loaded: LoadedModel, registry: Registry,
                          "--methods none, or compress the original model")
 
 
-def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel | None = None) -> Results:
-    """Run ``config`` into ``config.out`` in this process, resuming what is already there.
+def _progress(total: int):
+    """The driver's one progress bar over the cells still to compute (shown on a terminal only)."""
+    from tqdm.auto import tqdm
 
-    The output directory is locked for the whole run; every finished cell is
-    journaled at once (:mod:`bench.engine.results`).
+    return tqdm(total=total, desc="cells", unit="cell", disable=None, dynamic_ncols=True)
+
+
+def _run_local(workspace: Workspace, plan: Plan, results: Results, progress) -> None:
+    """Every pending group in this process, one after the other."""
+    sink = _ResultsSink(results, workspace, progress)
+    done = progress.n
+    for group in plan.groups:
+        start = time.perf_counter()
+        if group.methods != (DENSE,) and not getattr(workspace, "_prepared", False):
+            # every pending decomposition in one pass over the blocks, while the dense model is in memory
+            methods = [workspace.create(name) for g in plan.groups for name in g.methods if name != DENSE]
+            _prepare(workspace, methods, plan.statistics, sink)
+            workspace._prepared = True
+        run_group(workspace, plan, group, sink)
+        done += len(group.cells)
+        progress.update(done - progress.n)  # cells that failed count as done too
+        results.add_group(group.label, {"node": this_node(), "cells": len(group.cells),
+                                        "seconds": round(time.perf_counter() - start, 3)})
+
+
+_WORKER_MODEL: dict[tuple, LoadedModel] = {}  # the model a worker process loaded for an earlier group
+
+
+def worker_execute_group(plan_data: dict, index: int) -> dict:
+    """:func:`execute_group` in a long-lived worker: a model loaded for an earlier group of this run is reused."""
+    config = RunConfig.from_dict(plan_data["config"])
+    spec = (config.model, config.device, config.dtype)
+    loaded = _WORKER_MODEL.get(spec)
+    seconds = 0.0
+    if loaded is None or loaded.identity != plan_data["model_identity"]:
+        _WORKER_MODEL.clear()
+        start = time.perf_counter()
+        loaded = _WORKER_MODEL[spec] = load_model(config.model, config.device, getattr(torch, config.dtype))
+        seconds = round(time.perf_counter() - start, 3)
+    produced = execute_group(plan_data, index, loaded)
+    produced["timings"]["load_model"] = seconds
+    return produced
+
+
+def _group_failures(group: CellGroup, error: BaseException) -> list[dict]:
+    """A group whose task never returned: every method of it failed (the others go on)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return [{"method": name, "ratio": None, "stage": "ray task", "layer": None,
+             "error": f"{type(error).__name__}: {first}"} for name in group.methods]
+
+
+def _run_ray(tasks: RayTasks, plan: Plan, results: Results, progress) -> None:
+    """Every pending group as a Ray task; each group's records are journaled as soon as its task returns."""
+    data = tasks.put(plan.to_dict())
+    for index, group in enumerate(plan.groups):
+        tasks.submit(worker_execute_group, (data, index), tag=group, name=f"svdbench:{group.label}")
+    for outcome in tasks.completed():
+        group = outcome.tag
+        if outcome.error is not None:
+            if isinstance(outcome.cause, UsageError):  # bad input: every group would meet it
+                raise outcome.cause
+            log.error("group %s failed: %s", group.label, outcome.cause)
+            for failure in _group_failures(group, outcome.cause):
+                results.add_failure(failure)
+            results.add_group(group.label, {"node": None, "cells": len(group.cells),
+                                            "error": str(outcome.cause)[:500]})
+        else:
+            produced = outcome.value
+            for compression_id, info in produced["compressions"].items():
+                results.add_compression(compression_id, info)
+            for failure in produced["failures"]:
+                results.add_failure(failure)
+            results.manifest["timings"].update(  # method-specific labels; the rest stay with the group
+                {label: seconds for label, seconds in produced["timings"].items() if ":" in label})
+            results.add([Record.from_dict(r) for r in produced["records"]])  # journaled: the group's cells are safe
+            results.add_group(group.label, {"node": outcome.node, "cells": len(group.cells),
+                                            "seconds": outcome.seconds, "timings": produced["timings"]})
+        progress.update(len(group.cells))
+
+
+def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel | None = None,
+        executor: ExecutorConfig | None = None) -> Results:
+    """Run ``config`` into ``config.out``, resuming what is already there.
+
+    The groups run in this process (``executor.kind`` local, the default) or
+    as Ray tasks; either way only this process writes the journal and
+    results.json, and the output directory is locked for the whole run.
     """
     start = time.perf_counter()
+    executor = executor or ExecutorConfig()
     registry = registry or load_registry(config.plugins_dirs)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
+    distributed = executor.kind == "ray"
+    if distributed:
+        import_ray()  # fail before loading anything when Ray is missing
+    elif config.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {config.device} but CUDA is not available; use --device cpu")
     validate(config, registry)
-    with output_lock(config.out).acquire(wait=False):
+    with output_lock(config.out).acquire(wait=False), \
+            (RayTasks(executor, config.device) if distributed else nullcontext()) as tasks:
         results = Results(config.out)  # before the model loads: a bad --out fails in a second, not minutes
-        workspace = Workspace(config, registry, loaded)
+        # the Ray driver only plans: it reads the model on the CPU and leaves the devices to the workers
+        workspace = Workspace(dataclasses.replace(config, device="cpu") if distributed else config, registry, loaded)
         check_model_fits(config, workspace.loaded, registry)
         plan = plan_run(config, registry, workspace)
-        results.begin(manifest(config, registry, workspace, plan), plan.keys())
+        described = manifest(config, registry, workspace, plan)
+        described["executor"] = {"kind": executor.kind, **(tasks.describe() if distributed else {}),
+                                 "groups": dict.fromkeys(group.label for group in plan.groups)}
+        results.begin(described, plan.keys())
         pending = plan.pending(results.done)
         skipped = len(plan.cells()) - len(pending.cells())
         if skipped:
             log.info("%d of %d cells already in %s; computing the other %d", skipped, len(plan.cells()),
                      results.path, len(pending.cells()))
-        sink = _ResultsSink(results, workspace)
-        for group in pending.groups:
-            if group.methods != (DENSE,) and not getattr(workspace, "_prepared", False):
-                # every pending decomposition in one pass over the blocks, while the dense model is in memory
-                methods = [workspace.create(name) for g in pending.groups for name in g.methods if name != DENSE]
-                _prepare(workspace, methods, plan.statistics, sink)
-                workspace._prepared = True
-            run_group(workspace, pending, group, sink)
+        with _progress(len(pending.cells())) as progress:
+            if distributed:
+                workspace.release_model()
+                _run_ray(tasks, pending, results, progress)
+            else:
+                _run_local(workspace, pending, results, progress)
         workspace.timed("total", start)
-        results.finish(workspace.timings)
+        results.finish({**results.manifest.get("timings", {}), **workspace.timings})
     return results

@@ -12,7 +12,8 @@ Layout of results.json::
 **The journal** (``journal.jsonl`` in the same directory) is the truth: an
 append-only file of one JSON line per event - a run's start (its manifest and
 planned cells), a finished cell (its records and the checksums of the cache
-entries it was computed from), a compression, a failure, a run's end. Each
+entries it was computed from), a compression, a failure, a finished group
+(where it ran), a run's end. Each
 line carries its own checksum and is fsync'd before the next cell starts, so
 a kill -9 loses at most the cell being computed. ``results.json`` is rendered
 from the journal and replaced atomically after every event.
@@ -297,6 +298,14 @@ class Results:
         self.journal.append({"t": "failure", "run": self.run_id, "failure": strict(failure)})
         self.save()
 
+    def add_group(self, label: str, info: dict) -> None:
+        """Where a group of cells ran and how long it took (the manifest's ``executor.groups``)."""
+        self.journal.append({"t": "group", "run": self.run_id, "label": label, "info": strict(info)})
+        groups = self._manifest.get("executor", {}).get("groups")
+        if isinstance(groups, dict):
+            groups[label] = info
+        self.save()
+
     def finish(self, timings: dict) -> None:
         self._manifest["timings"] = timings
         self.journal.append({"t": "end", "run": self.run_id, "timings": strict(timings)})
@@ -322,6 +331,12 @@ class Results:
                        if e.get("run") == current and e["t"] in ("cell", "end") and e.get("timings")]
             if timings:
                 manifest["timings"] = timings[-1]
+        executor = manifest.get("executor")
+        if isinstance(executor, dict) and isinstance(executor.get("groups"), dict):
+            # the planned groups, each with where it last ran (in this run or an earlier one of this --out)
+            ran = {e["label"]: e["info"] for e in self.journal.events if e["t"] == "group"}
+            manifest["executor"] = {**executor, "groups": {label: ran.get(label, info)
+                                                           for label, info in executor["groups"].items()}}
         data = {"manifest": manifest, "records": records,
                 "compressions": {e["id"]: e["info"] for e in self.journal.events if e["t"] == "compression"},
                 "failures": [e["failure"] for e in self.journal.events if e["t"] == "failure" and e["run"] == current],

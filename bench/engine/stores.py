@@ -6,10 +6,14 @@ a ``manifest.json`` written last: the settings that produced the
 entry (its key is their hash), the sha256 of every block file and what the
 tensors mean. A writer builds the entry under a temporary name and renames the
 whole directory into place when its manifest is written, so a reader sees a
-complete entry or none; when two processes compute the same entry, the first
-rename wins and the other's copy is discarded. A reader verifies the settings
-and every file's checksum before use; a mismatch, a missing file or a
-truncated one is logged and reads as a miss, and the entry is rebuilt.
+complete entry or none. Several processes, on several machines sharing the
+store's filesystem, may compute the same entry at once: each writes under a
+name of its own (host, process, random token), the first rename wins and the
+others' copies are discarded (a writer that finds a broken entry in the way
+replaces it). A reader verifies the settings and every file's checksum
+before use; a mismatch, a missing file or a truncated one is logged and reads
+as a miss, and the entry is moved aside (atomically) and rebuilt. A writer
+removes the temporary entries that dead processes of its host left behind.
 
 Tensors are read one file at a time, each file opened and closed per read,
 so a store larger than memory is fine: the statistics of one block and the
@@ -101,20 +105,45 @@ class EntryWriter:
         self.index.update(dict.fromkeys(tensors, name))
 
     def finish(self, meta: dict | None = None) -> Path:
+        """Publish the entry under its final name; when another writer published it first, keep theirs."""
         manifest = seal({"format": FORMAT, "fields": self.fields, "files": self.files, "index": self.index,
                          "meta": meta or {}})  # its own checksum: an edited index or meta is noticed too
         atomic_write_text(self.tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        try:
-            os.rename(self.tmp, self.final)
-        except OSError:  # another process published the same entry first: keep theirs
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if not (self.final / MANIFEST).exists():
-                raise
+        for _ in range(3):
+            try:
+                os.rename(self.tmp, self.final)  # atomic; fails when a non-empty directory holds the name
+                break
+            except OSError:
+                if not self.final.exists():
+                    raise
+            try:
+                _verified_manifest(self.final, self.fields)
+            except (OSError, ValueError, KeyError, TypeError) as error:  # a broken entry in the way: replace it
+                log.warning("store entry %s is unusable (%s); replacing it", self.final, error)
+                discard(self.final)
+                continue
+            self.abandon()  # another process published a complete entry first: keep theirs
+            break
+        else:
+            raise OSError(f"could not publish store entry {self.final}: another writer keeps replacing it")
         note_source(self.final / MANIFEST, json_key(self.files))
         return self.final
 
     def abandon(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def discard(path: Path) -> None:
+    """Remove an entry directory so that no reader or writer ever sees it half deleted.
+
+    It is first renamed to a name of its own (atomic), then deleted there.
+    """
+    trash = temporary_sibling(path, ".old")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:  # someone else discarded it first
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 class Entry:
@@ -141,25 +170,31 @@ class Entry:
         return sum(p.stat().st_size for p in self.path.iterdir())
 
 
+def _verified_manifest(path: Path, fields: dict) -> dict:
+    """The manifest of the entry at ``path`` when its settings are ``fields`` and every file matches its checksum."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    if not is_sealed(manifest):
+        raise ValueError(f"{MANIFEST} is corrupted or was edited (its checksum does not match)")
+    if manifest.get("format") != FORMAT or manifest["fields"] != json.loads(json.dumps(fields)):
+        raise ValueError("its settings do not match")
+    for name, digest in manifest["files"].items():
+        if sha256_file(path / name) != digest:
+            raise ValueError(f"{name} does not match its checksum")
+    return manifest
+
+
 def open_entry(root: Path, fields: dict, what: str) -> Entry | None:
-    """The entry made with exactly ``fields``, verified; None when absent or unusable (logged)."""
+    """The entry made with exactly ``fields``, verified; None when absent or unusable (logged, then discarded)."""
     path = root / json_key(fields)
     if not path.exists():
         return None
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        if not is_sealed(manifest):
-            raise ValueError(f"{MANIFEST} is corrupted or was edited (its checksum does not match)")
-        if manifest.get("format") != FORMAT or manifest["fields"] != json.loads(json.dumps(fields)):
-            raise ValueError("its settings do not match")
-        for name, digest in manifest["files"].items():
-            if sha256_file(path / name) != digest:
-                raise ValueError(f"{name} does not match its checksum")
+        manifest = _verified_manifest(path, fields)
         note_source(path / MANIFEST, json_key(manifest["files"]))  # cells computed from it record its checksum
         return Entry(path, manifest)
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning("%s store entry %s is unusable (%s); rebuilding it", what, path, error)
-        shutil.rmtree(path, ignore_errors=True)
+        discard(path)
         return None
 
 
