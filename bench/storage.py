@@ -218,6 +218,19 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def replace_directory(finished: Path, target: Path) -> None:
+    """Put the complete directory ``finished`` at ``target``, replacing what is there: the old one is renamed
+    aside first, so ``target`` is never a half-deleted directory."""
+    with guarded(target):
+        if target.exists():
+            aside = temporary_sibling(target, ".old")
+            os.replace(target, aside)
+            os.replace(finished, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(finished, target)
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

@@ -16,8 +16,14 @@ class Gram(Statistic):
     description = "G = X X^T per input group (sum over calibration tokens, float64)"
 
     def observe(self, key, tensor):
+        """Accumulate ``X^T X`` in place (``addmm_``): no n x n temporary beside the sum, which for an MLP's
+        down projection (n = its input width) is the largest allocation of the statistics pass."""
         x = tensor.double()
-        self.add(key, x.T @ x, x.shape[0])
+        if key in self.sums:
+            self.sums[key].addmm_(x.T, x)
+            self.counts[key] += x.shape[0]
+        else:
+            self.sums[key], self.counts[key] = x.T @ x, x.shape[0]
 
 
 class HiddenGram(Gram):

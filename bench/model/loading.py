@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from bench.storage import (
     inside,
     is_sealed,
     make_dir,
+    replace_directory,
     seal,
     sha256_file,
     sweep_temporaries,
@@ -127,14 +127,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         problem = conversion_problem(tmp, meta["gguf_sha256"])
         if problem:
             raise OSError(5, f"the converted model does not verify after writing ({problem})", str(tmp))
-        with guarded(out_dir):
-            if out_dir.exists():
-                aside = temporary_sibling(out_dir, ".old")
-                os.replace(out_dir, aside)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -57,6 +57,7 @@ from bench.storage import (
     guarded,
     is_sealed,
     make_dir,
+    replace_directory,
     seal,
     sha256_file,
     temporary_sibling,
@@ -120,6 +121,16 @@ class QuantizedLayout:
     def validate(self, entry: dict, dense: nn.Module, where: str) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def check_linear(entry: dict, dense: nn.Module, where: str) -> None:
+        """What every layout checks: the entry replaces a linear of the architecture's shape and bias."""
+        _check(isinstance(entry["bias"], bool), where, "bias must be true or false")
+        _check(isinstance(dense, nn.Linear), where, f"replaces a {type(dense).__name__}, not a linear layer")
+        for key in ("in_features", "out_features"):
+            _check(entry[key] == getattr(dense, key), where,
+                   f"{key} {entry[key]!r} does not match the architecture ({getattr(dense, key)})")
+        _check(entry["bias"] == (dense.bias is not None), where, "bias does not match the architecture")
+
     def build(self, entry: dict) -> nn.Module:
         raise NotImplementedError
 
@@ -177,12 +188,7 @@ class HQQLayout(QuantizedLayout):
                f"packing {entry['packing']!r} does not match nbits {entry['nbits']}")
         _check(entry["meta_dtype"] in META_DTYPES, where, f"meta_dtype {entry['meta_dtype']!r} is unknown")
         _check(entry["compute_dtype"] in FLOAT_DTYPES, where, f"compute_dtype {entry['compute_dtype']!r} is unknown")
-        _check(isinstance(entry["bias"], bool), where, "bias must be true or false")
-        _check(isinstance(dense, nn.Linear), where, f"replaces a {type(dense).__name__}, not a linear layer")
-        for key in ("in_features", "out_features"):
-            _check(entry[key] == getattr(dense, key), where,
-                   f"{key} {entry[key]!r} does not match the architecture ({getattr(dense, key)})")
-        _check(entry["bias"] == (dense.bias is not None), where, "bias does not match the architecture")
+        self.check_linear(entry, dense, where)
         tensors = entry["tensors"]
         _check(isinstance(tensors, dict) and set(tensors) == {"packed", "scale", "zero"}, where,
                "tensors must be packed, scale and zero")
@@ -234,12 +240,7 @@ class GPTQLayout(QuantizedLayout):
                "sym and desc_act must be true or false")
         _check(entry["packing"] == "gptq int32", where, f"packing {entry['packing']!r} is not 'gptq int32'")
         _check(entry["compute_dtype"] in FLOAT_DTYPES, where, f"compute_dtype {entry['compute_dtype']!r} is unknown")
-        _check(isinstance(entry["bias"], bool), where, "bias must be true or false")
-        _check(isinstance(dense, nn.Linear), where, f"replaces a {type(dense).__name__}, not a linear layer")
-        for key in ("in_features", "out_features"):
-            _check(entry[key] == getattr(dense, key), where,
-                   f"{key} {entry[key]!r} does not match the architecture ({getattr(dense, key)})")
-        _check(entry["bias"] == (dense.bias is not None), where, "bias does not match the architecture")
+        self.check_linear(entry, dense, where)
         tensors = entry["tensors"]
         _check(isinstance(tensors, dict) and set(tensors) == set(self.TENSORS), where,
                f"tensors must be {', '.join(self.TENSORS)}")
@@ -347,14 +348,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
             full = seal(json.loads(json.dumps(full, default=str)))  # a checksum of the manifest itself
             atomic_write_text(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True))  # written last
             _verify_files(tmp, validate_manifest(tmp, json.loads((tmp / MANIFEST).read_text())))
-            with guarded(out):
-                if out.exists():
-                    aside = temporary_sibling(out, ".old")
-                    os.replace(out, aside)
-                    os.replace(tmp, out)
-                    shutil.rmtree(aside, ignore_errors=True)
-                else:
-                    os.replace(tmp, out)
+            replace_directory(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
