@@ -177,6 +177,7 @@ def forward_statistics(model: nn.Module, targets: list[Target], windows: torch.T
         results = {s.name: s.result() for s in statistics}
         _check_finite(results, f"block {index}")
         on_block(index, results, groups)
+        del results  # not held through the next block's pass
     return groups
 
 

@@ -254,32 +254,43 @@ class Workspace:
         model = self.model
 
         def decompose_block(index, block_targets, block_stats, groups):
+            """Every pending method on each target in turn; a statistic of an input group is dropped once the
+            group's last target is done, so the block's largest gram (the MLP down projection's, decomposed
+            last) is not held beside the others' during its SVD."""
             stats = CalibrationStats(block_stats, groups)
-            for key, (method, _) in list(pending.items()):
-                start = time.perf_counter()
-                context = Context(model=model, tokenizer=self.loaded.tokenizer, targets=self.targets, stats=stats,
-                                  calibration=self.windows() if method.uses_calibration() else None,
-                                  device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity)
-                try:
-                    for target in block_targets:
+            contexts = {key: Context(model=model, tokenizer=self.loaded.tokenizer, targets=self.targets, stats=stats,
+                                     calibration=self.windows() if method.uses_calibration() else None,
+                                     device=self.config.device, cache_dir=cache_root(),
+                                     model_identity=self.loaded.identity)
+                        for key, (method, _) in pending.items()}
+            last_of_group = {groups.get(t.name, t.name): t.name for t in block_targets}
+            for target in block_targets:
+                for key, (method, _) in list(pending.items()):
+                    start = time.perf_counter()
+                    try:
                         with at_layer(target.name):
-                            factorization = method.decompose(target, context.weight(target), context, method.config)
+                            factorization = method.decompose(target, contexts[key].weight(target), contexts[key],
+                                                             method.config)
                             check_finite(factorization.s, target.name, "decompose", "singular values")
                         writers[key].write_part(factor_tensors(target.name, factorization))
                         shapes[key][target.name] = list(factorization.shape)
                         if factorization.facts:
                             facts[key][target.name] = factorization.facts
                         del factorization
-                except UsageError:
-                    raise
-                except Exception as error:  # this method fails when it asks for its factorizations; the others go on
-                    log.warning("%s: decomposition failed in block %d (%s: %s)", method.name, index,
-                                type(error).__name__, error)
-                    self._failed[key] = error
-                    writers.pop(key).abandon()
-                    del pending[key]
-                    continue
-                self.timings[f"decompose:{method.name}"] += round(time.perf_counter() - start, 3)
+                    except UsageError:
+                        raise
+                    except Exception as error:  # this method fails when it asks for its factorizations; the others go on
+                        log.warning("%s: decomposition failed in block %d (%s: %s)", method.name, index,
+                                    type(error).__name__, error)
+                        self._failed[key] = error
+                        writers.pop(key).abandon()
+                        del pending[key]
+                        continue
+                    self.timings[f"decompose:{method.name}"] += round(time.perf_counter() - start, 3)
+                group = groups.get(target.name, target.name)
+                if last_of_group.get(group) == target.name:
+                    for table in block_stats.values():  # no later target of the block reads them
+                        table.pop(group, None)
             release_free_memory()
 
         log.info("decomposing for %s, block by block", ", ".join(m.name for m in chosen))
@@ -609,13 +620,13 @@ def _run_local(workspace: Workspace, plan: Plan, results: Results, progress) -> 
     """Every pending group in this process, one after the other."""
     sink = _ResultsSink(results, workspace, progress)
     done = progress.n
+    methods = [workspace.create(name) for g in plan.groups for name in g.methods if name != DENSE]
+    if methods:
+        # every pending decomposition in one pass over the blocks, first: the dense model is in memory, and no
+        # evaluation has left its allocations behind under the pass's peak
+        _prepare(workspace, methods, plan.statistics, sink)
     for group in plan.groups:
         start = time.perf_counter()
-        if group.methods != (DENSE,) and not getattr(workspace, "_prepared", False):
-            # every pending decomposition in one pass over the blocks, while the dense model is in memory
-            methods = [workspace.create(name) for g in plan.groups for name in g.methods if name != DENSE]
-            _prepare(workspace, methods, plan.statistics, sink)
-            workspace._prepared = True
         run_group(workspace, plan, group, sink)
         done += len(group.cells)
         progress.update(done - progress.n)  # cells that failed count as done too
