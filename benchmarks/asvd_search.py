@@ -40,8 +40,8 @@ def main() -> None:
     workspace = Workspace(RunConfig(methods=("asvd",), calibration=CalibrationConfig(samples=16, seqlen=256)),
                           load_registry())
     method = workspace.create("asvd")
+    factorizations = workspace.factorizations(method)  # from the factor store (made on the first run)
     context = workspace.context(method)
-    factorizations = workspace.decompose(method, context)
     config = method.config
     ids = sensitivity_windows(context, config)
     blocks = {int(b) for b in args.blocks.split(",")} if args.blocks else None
