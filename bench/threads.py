@@ -5,11 +5,20 @@ region. On a machine where another process wants a core, a spinning worker
 keeps the core from the worker that still has work, and every region of a
 forward pass (hundreds per pass) waits for the scheduler: on two cores one
 competing process made SVDs and evaluations many times slower (issue 15;
-``benchmarks/contention.py`` measures it). :func:`configure` therefore,
-before torch starts its thread pools (it must run before ``import torch``):
+``benchmarks/contention.py`` measures it). Never spinning
+(``OMP_WAIT_POLICY=PASSIVE``) survives sharing but costs a sleep and a wake-up
+per region: a float64 SVD, thousands of tiny regions, ran 2x slower on a
+quiet machine. A short bounded spin keeps most of both. :func:`configure`
+therefore, before torch starts its thread pools (it must run before
+``import torch``):
 
-- sets ``OMP_WAIT_POLICY=PASSIVE`` (idle workers sleep instead of spinning)
-  unless the user set a policy;
+- sets ``GOMP_SPINCOUNT=300`` (GNU OpenMP, which torch's Linux wheels use:
+  an idle worker spins 300 rounds, then sleeps) unless the user set
+  ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``. Measured on two cores
+  (``benchmarks/contention.py``, medians of 5): the decomposition step
+  1.77 s alone and 1.73x slower beside a busy process (torch's unbounded
+  spin: 1.37 s and 9.5x; passive: 2.90 s and 0.94x), the evaluation 1.80 s
+  and 1.79x (torch: 1.84 s and ~2.6x; passive: 2.08 s and 1.68x);
 - sizes the pools from the CPUs this process may actually use - its affinity
   mask and its cgroup CPU quota, whichever is smaller - instead of the
   machine's core count (a container limited to 2 CPUs on a 64-core host
@@ -32,7 +41,9 @@ from pathlib import Path
 
 from bench.errors import UsageError
 
-WAIT_POLICY = "PASSIVE"
+SPIN_COUNT = 300
+WAIT_ENV = {"GOMP_SPINCOUNT": str(SPIN_COUNT)}  # the environment of svdbench's wait policy (also Ray's workers')
+USER_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 _state: dict = {}
 _ours: dict[str, str] = {}  # the variables an earlier configure() set itself: not the user's on a second call
@@ -87,11 +98,14 @@ def configure(threads: int | str | None = None) -> dict:
             raise UsageError(f"--threads {threads} must be a whole number >= 1 (or leave it out: the CPUs available)")
         threads = count
     late = "torch" in sys.modules
-    if "OMP_WAIT_POLICY" in os.environ and os.environ["OMP_WAIT_POLICY"] != _ours.get("OMP_WAIT_POLICY"):
-        policy_source = "environment"
+    users = {name: os.environ[name] for name in USER_WAIT_VARIABLES
+             if name in os.environ and os.environ[name] != _ours.get(name)}
+    if users:
+        policy, policy_source = ", ".join(f"{name}={value}" for name, value in users.items()), "environment"
     else:
-        os.environ["OMP_WAIT_POLICY"] = _ours["OMP_WAIT_POLICY"] = WAIT_POLICY
-        policy_source = "svdbench"
+        os.environ.update(WAIT_ENV)
+        _ours.update(WAIT_ENV)
+        policy, policy_source = ", ".join(f"{name}={value}" for name, value in WAIT_ENV.items()), "svdbench"
     cpus, cpus_source = available_cpus()
     env_threads = os.environ.get("OMP_NUM_THREADS")
     from_env = _positive(env_threads) if env_threads != _ours.get("OMP_NUM_THREADS") else None
@@ -112,7 +126,7 @@ def configure(threads: int | str | None = None) -> dict:
 
         torch.set_num_threads(count)
     _state.clear()
-    _state.update({"wait_policy": os.environ["OMP_WAIT_POLICY"], "wait_policy_source": policy_source,
+    _state.update({"wait_policy": policy, "wait_policy_source": policy_source,
                    "threads": count, "threads_source": count_source, "cpus_available": cpus,
                    "cpus_source": cpus_source, "tokenizers_parallelism": os.environ["TOKENIZERS_PARALLELISM"],
                    "applied_before_torch": not late})
@@ -121,7 +135,9 @@ def configure(threads: int | str | None = None) -> dict:
 
 def describe() -> dict:
     """The thread policy in force (for the run manifest): wait policy, thread count and where each came from."""
-    info = dict(_state) if _state else {"wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (torch default)"),
+    info = dict(_state) if _state else {"wait_policy": ", ".join(f"{name}={os.environ[name]}" for name in
+                                                                 USER_WAIT_VARIABLES if name in os.environ)
+                                        or "unset (torch default)",
                                         "wait_policy_source": "not configured by svdbench"}
     torch = sys.modules.get("torch")
     if torch is not None:

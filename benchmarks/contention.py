@@ -8,15 +8,18 @@ starts and stops, alternately, ``--repeats`` times; the slowdown is the median
 time beside the competitor over the median time alone. Each thread policy runs
 in its own Python process, because the policy must be set before torch loads:
 
-- ``svdbench``: :func:`bench.threads.configure` (what ``svdbench`` does);
+- ``svdbench``: :func:`bench.threads.configure` (what ``svdbench`` does: a
+  bounded spin, ``GOMP_SPINCOUNT=300``);
+- ``passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (workers never spin;
+  svdbench's policy before the bounded spin);
 - ``torch-defaults``: torch's own settings (spinning OpenMP workers, one per
-  core; what svdbench did before).
+  core).
 
 Competitors: ``busy`` is one Python thread in a busy loop; ``torch`` is a
 process multiplying matrices with torch's defaults (all cores, spinning
 workers) - another ML job. Both run at ``--nice`` (0: an equal).
 
-    python benchmarks/contention.py                          # both policies, both workloads, busy competitor
+    python benchmarks/contention.py                          # all policies, both workloads, busy competitor
     python benchmarks/contention.py --competitor torch --policies svdbench
 
 Other load on the machine (``/proc/loadavg`` is printed) inflates every
@@ -37,7 +40,7 @@ COMPETITORS = {
     "busy": "while True:\n    pass\n",
     "torch": "import torch\na = torch.randn(768, 768)\nwhile True:\n    a = torch.tanh(a @ a)\n",
 }
-POLICY_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 
 
 def _clean_env() -> dict[str, str]:
@@ -67,9 +70,11 @@ def _workload(name: str, args):
 
 
 def worker(args) -> None:
-    if args.policy == "svdbench":
+    if args.policy in ("svdbench", "passive"):
         from bench.threads import configure
 
+        if args.policy == "passive":
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         configure(args.threads)
     import torch
 
@@ -100,7 +105,7 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="decompose,perplexity")
-    parser.add_argument("--policies", default="svdbench,torch-defaults")
+    parser.add_argument("--policies", default="svdbench,passive,torch-defaults")
     parser.add_argument("--competitor", choices=sorted(COMPETITORS), default="busy")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the competitor (default 0)")
     parser.add_argument("--repeats", type=int, default=3)

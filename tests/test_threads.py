@@ -13,7 +13,7 @@ import pytest
 from bench.threads import _cgroup_quota, available_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICY_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 SVDBENCH = [sys.executable, "-c", "import sys; from bench.cli import main; sys.exit(main())"]
 
 
@@ -41,16 +41,16 @@ def test_importing_bench_and_its_cli_does_not_import_torch():
 
 
 def test_configure_reaches_openmp_before_torch_starts():
-    """OpenMP itself reports the passive policy and the thread count (``OMP_DISPLAY_ENV``)."""
-    done = _python(CONFIGURE_THEN_TORCH.format(threads=None), OMP_DISPLAY_ENV="TRUE")
+    """OpenMP itself reports the bounded spin and the thread count (``OMP_DISPLAY_ENV``)."""
+    done = _python(CONFIGURE_THEN_TORCH.format(threads=None), OMP_DISPLAY_ENV="VERBOSE")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     cpus, _ = available_cpus()
     assert result["torch"] == cpus == result["policy"]["threads"] == result["policy"]["torch_threads"]
-    assert result["policy"]["wait_policy"] == "PASSIVE" and result["policy"]["wait_policy_source"] == "svdbench"
-    assert result["policy"]["applied_before_torch"] is True
+    assert result["policy"]["wait_policy"] == "GOMP_SPINCOUNT=300"
+    assert result["policy"]["wait_policy_source"] == "svdbench" and result["policy"]["applied_before_torch"] is True
     displayed = done.stdout + done.stderr
-    assert "OMP_WAIT_POLICY = 'PASSIVE'" in displayed and f"OMP_NUM_THREADS = '{cpus}'" in displayed
+    assert "GOMP_SPINCOUNT = '300'" in displayed and f"OMP_NUM_THREADS = '{cpus}'" in displayed
 
 
 def test_threads_flag_beats_the_environment_and_a_user_policy_is_kept():
@@ -58,7 +58,16 @@ def test_threads_flag_beats_the_environment_and_a_user_policy_is_kept():
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["torch"] == 1 and result["policy"]["threads_source"] == "--threads"
-    assert result["policy"]["wait_policy"] == "ACTIVE" and result["policy"]["wait_policy_source"] == "environment"
+    assert result["policy"]["wait_policy"] == "OMP_WAIT_POLICY=ACTIVE"
+    assert result["policy"]["wait_policy_source"] == "environment"
+
+
+def test_a_user_spin_count_is_kept():
+    done = _python(CONFIGURE_THEN_TORCH.format(threads=None), GOMP_SPINCOUNT="10000", OMP_DISPLAY_ENV="VERBOSE")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["policy"]["wait_policy"] == "GOMP_SPINCOUNT=10000"
+    assert result["policy"]["wait_policy_source"] == "environment"
+    assert "GOMP_SPINCOUNT = '10000'" in done.stdout + done.stderr
 
 
 def test_omp_num_threads_is_respected_without_the_flag():
@@ -100,8 +109,8 @@ def test_cli_runs_with_threads_and_the_manifest_records_the_policy(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     threads = json.loads((out / "results.json").read_text())["manifest"]["threads"]
     assert threads["threads"] == threads["torch_threads"] == 1 and threads["threads_source"] == "--threads"
-    assert threads["wait_policy"] == "PASSIVE"
-    assert "- CPU: 1 torch threads (--threads), OpenMP wait policy PASSIVE." in (out / "report.md").read_text()
+    assert threads["wait_policy"] == "GOMP_SPINCOUNT=300"
+    assert "- CPU: 1 torch threads (--threads), OpenMP wait policy GOMP_SPINCOUNT=300." in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize(("files", "expected"), [

@@ -30,7 +30,7 @@ from typing import Any
 from bench.engine.config import ExecutorConfig
 from bench.errors import UsageError
 from bench.storage import cache_root
-from bench.threads import WAIT_POLICY
+from bench.threads import WAIT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ FORWARDED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "T
 # over cells; set before tqdm is imported). They run at the driver's priority: Ray starts workers at nice 15,
 # under which, on a machine doing anything else, a task gets a fraction of the CPU the local executor gets
 # (Ray itself sets the same variable to 0 for the processes that run the drivers of Ray jobs).
-# Their OpenMP workers sleep when idle, as the driver's do (bench.threads; set before the worker starts torch).
-WORKER_ENV = {"env_vars": {"TQDM_DISABLE": "1", "RAY_worker_niceness": "0", "OMP_WAIT_POLICY": WAIT_POLICY}}
+# Their idle OpenMP workers spin briefly, then sleep, as the driver's do (bench.threads; set before the worker
+# starts torch).
+WORKER_ENV = {"env_vars": {"TQDM_DISABLE": "1", "RAY_worker_niceness": "0", **WAIT_ENV}}
 
 
 def import_ray():
