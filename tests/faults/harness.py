@@ -85,8 +85,10 @@ def write_tiny_gguf(checkpoint: Path, path: Path) -> Path:
 
 def cli_env(cache: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SVDBENCH_")}
-    env.update(SVDBENCH_CACHE=str(cache), SVDBENCH_PLUGINS="", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # no thread settings of its own: the child runs under svdbench's policy (or the user's), as the in-process
+    # runs of the same tests do, so both write the same report
+    env.update(SVDBENCH_CACHE=str(cache), SVDBENCH_PLUGINS="", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 
