@@ -16,9 +16,10 @@ therefore, before torch starts its thread pools (it must run before
   an idle worker spins 300 rounds, then sleeps) unless the user set
   ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``. Measured on two cores
   (``benchmarks/contention.py``, medians of 5): the decomposition step
-  1.77 s alone and 1.73x slower beside a busy process (torch's unbounded
-  spin: 1.37 s and 9.5x; passive: 2.90 s and 0.94x), the evaluation 1.80 s
-  and 1.79x (torch: 1.84 s and ~2.6x; passive: 2.08 s and 1.68x);
+  1.69 s alone and 1.77x slower beside a busy process (torch's defaults:
+  1.37 s and 3.0x, up to 25x in other runs; passive: 2.88 s and 0.92x), the
+  evaluation 1.87 s and 1.81x (torch: 1.83 s and 2.4x; passive: 2.05 s and
+  1.72x);
 - sizes the pools from the CPUs this process may actually use - its affinity
   mask and its cgroup CPU quota, whichever is smaller - instead of the
   machine's core count (a container limited to 2 CPUs on a 64-core host
@@ -84,6 +85,11 @@ def _positive(value: str | None) -> int | None:
     return number if number and number > 0 else None
 
 
+def _assignments(variables: dict[str, str]) -> str:
+    """``NAME=value, ...``: how the manifest and the report name a wait policy."""
+    return ", ".join(f"{name}={value}" for name, value in variables.items())
+
+
 def configure(threads: int | str | None = None) -> dict:
     """Set the thread policy for this process; call it before ``import torch``. Returns :func:`describe`.
 
@@ -101,11 +107,11 @@ def configure(threads: int | str | None = None) -> dict:
     users = {name: os.environ[name] for name in USER_WAIT_VARIABLES
              if name in os.environ and os.environ[name] != _ours.get(name)}
     if users:
-        policy, policy_source = ", ".join(f"{name}={value}" for name, value in users.items()), "environment"
+        policy, policy_source = _assignments(users), "environment"
     else:
         os.environ.update(WAIT_ENV)
         _ours.update(WAIT_ENV)
-        policy, policy_source = ", ".join(f"{name}={value}" for name, value in WAIT_ENV.items()), "svdbench"
+        policy, policy_source = _assignments(WAIT_ENV), "svdbench"
     cpus, cpus_source = available_cpus()
     env_threads = os.environ.get("OMP_NUM_THREADS")
     from_env = _positive(env_threads) if env_threads != _ours.get("OMP_NUM_THREADS") else None
@@ -135,9 +141,8 @@ def configure(threads: int | str | None = None) -> dict:
 
 def describe() -> dict:
     """The thread policy in force (for the run manifest): wait policy, thread count and where each came from."""
-    info = dict(_state) if _state else {"wait_policy": ", ".join(f"{name}={os.environ[name]}" for name in
-                                                                 USER_WAIT_VARIABLES if name in os.environ)
-                                        or "unset (torch default)",
+    found = {name: os.environ[name] for name in USER_WAIT_VARIABLES if name in os.environ}
+    info = dict(_state) if _state else {"wait_policy": _assignments(found) or "unset (torch default)",
                                         "wait_policy_source": "not configured by svdbench"}
     torch = sys.modules.get("torch")
     if torch is not None:
