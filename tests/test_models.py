@@ -64,6 +64,18 @@ def test_footprint_counts_tied_weights_once():
     assert footprint(model)["bytes"] == 4 * sum(unique.values())
 
 
+def test_footprint_of_an_offloaded_model_counts_its_weights():
+    """Offloaded weights sit on ``meta`` (every data pointer 0): still each weight once, tied ones once."""
+    from bench.model.loading import offload
+
+    model = tiny_model("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight
+    on_cpu = footprint(model)
+    offload(model, "cpu")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert footprint(model) == on_cpu
+
+
 def test_fingerprint_tells_models_apart():
     a, b = tiny_model(seed=0), tiny_model(seed=1)
     assert fingerprint(a) == fingerprint(tiny_model(seed=0))

@@ -72,6 +72,18 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _storage_key(module: nn.Module, name: str, p: nn.Parameter) -> int:
+    """What identifies a weight's storage, so tied weights count once: its data pointer; for a module offloaded by
+    accelerate (weights on ``meta``, where every pointer is 0) the pointer of the CPU copy its hook onloads."""
+    if not p.is_meta:
+        return p.data_ptr()
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    try:
+        return weights[name].data_ptr()
+    except (KeyError, TypeError):  # no hook, or not one of its weights
+        return id(p)
+
+
 def footprint(model: nn.Module) -> dict[str, int]:
     """Whole-model parameter count and bytes (tied weights counted once).
 
@@ -89,10 +101,11 @@ def footprint(model: nn.Module) -> dict[str, int]:
             nbytes += int(module.storage_bytes())
             params += int(module.storage_params())
             return
-        for p in module.parameters(recurse=False):
-            if p.data_ptr() in seen:
+        for name, p in module.named_parameters(recurse=False):
+            key = _storage_key(module, name, p)
+            if key in seen:
                 continue
-            seen.add(p.data_ptr())
+            seen.add(key)
             params += p.numel()
             nbytes += p.numel() * p.element_size()
         for child in module.children():
