@@ -1,7 +1,9 @@
 """How much slower svdbench gets when one other CPU-bound process shares the machine.
 
 Two workloads - the decomposition step (``factorize`` of the linears of the
-first ``--blocks`` decoder blocks of SmolLM2-135M, float64 SVDs) and a
+first ``--blocks`` decoder blocks of SmolLM2-135M, float64 SVDs, as the
+executor runs them: one matrix per thread, see
+``bench.threads.ordered_in_threads``) and a
 perplexity evaluation (the main job's: 8 WikiText-2 windows of 256 tokens,
 batch 8) - each run alone and beside one competing process that this script
 starts and stops, alternately, ``--repeats`` times; the slowdown is the median
@@ -13,7 +15,8 @@ in its own Python process, because the policy must be set before torch loads:
 - ``passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (workers never spin;
   svdbench's policy before the bounded spin);
 - ``torch-defaults``: torch's own settings (spinning OpenMP workers, one per
-  core).
+  core), and the matrices decomposed one after another on all threads: what
+  svdbench did before issue 15.
 
 Competitors: ``busy`` is one Python thread in a busy loop; ``torch`` is a
 process multiplying matrices with torch's defaults (all cores, spinning
@@ -58,9 +61,15 @@ def _workload(name: str, args):
 
     loaded = load_model(args.model)
     if name == "decompose":
+        import torch
+
+        from bench.threads import ordered_in_threads
+
         targets = [t for t in find_targets(loaded.model) if t.block < args.blocks]
         weights = [loaded.model.get_submodule(t.name).weight.detach() for t in targets]
-        return lambda: [factorize(w) for w in weights]
+        if args.policy == "torch-defaults":  # as before issue 15: one matrix after another
+            return lambda: [factorize(w) for w in weights]
+        return lambda: [f for _, f, _ in ordered_in_threads(factorize, weights, torch.get_num_threads())]
     if name == "perplexity":
         from tasks.perplexity import WikiText2
 

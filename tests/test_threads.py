@@ -133,3 +133,62 @@ def test_a_cpu_quota_below_the_affinity_mask_limits_the_threads(tmp_path):
     (tmp_path / "cpu.max").write_text(f"{1000 * 100000} 100000\n")  # far more than the mask allows
     count, source = available_cpus(tmp_path)
     assert count == len(os.sched_getaffinity(0)) and source == "affinity mask"
+
+
+def test_work_in_threads_comes_back_in_order_one_torch_thread_each_with_errors_in_place():
+    import threading
+    import time
+
+    import torch
+
+    from bench.threads import ordered_in_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen, pulled = [], []
+
+    def items():
+        for i in range(8):
+            pulled.append(i)
+            yield i
+
+    def work(i):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        if i == 3:
+            raise ValueError("three")
+        time.sleep(0.02 * (8 - i))  # early items finish last
+        return i * i
+
+    try:
+        out = []
+        for item, value, error in ordered_in_threads(work, items(), 2):
+            assert len(pulled) <= len(out) + 3  # at most workers + 1 items ahead of the consumer
+            out.append((item, value, error))
+        assert torch.get_num_threads() == 2  # the caller's count is back
+    finally:
+        torch.set_num_threads(before)
+    assert [item for item, _, _ in out] == list(range(8))
+    assert [value for _, value, error in out if error is None] == [i * i for i in range(8) if i != 3]
+    assert isinstance(out[3][2], ValueError) and out[3][1] is None
+    assert {count for _, count in seen} == {1}
+    assert {name.split("_")[0] for name, _ in seen} == {"svdbench"}
+
+
+def test_decompositions_in_threads_equal_single_threaded_ones_bit_for_bit():
+    import torch
+
+    from bench import factorize
+    from bench.threads import ordered_in_threads
+
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator) for shape in [(96, 64), (64, 160), (128, 128)] * 3]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = [factorize(w) for w in weights]
+    finally:
+        torch.set_num_threads(before)
+    threaded = [f for _, f, error in ordered_in_threads(factorize, weights, 2) if error is None]
+    assert len(threaded) == len(weights)
+    for a, b in zip(alone, threaded):
+        assert torch.equal(a.u, b.u) and torch.equal(a.s, b.s) and torch.equal(a.vt, b.vt)

@@ -118,6 +118,9 @@ class Method:
     # {"transform": "whitening", "update": "yes"}; empty: not part of it.
     components: ClassVar[dict[str, str]] = {}
     notes: ClassVar[PaperNotes | None] = None
+    # The host may run ``decompose`` on several targets at once in worker threads (on the CPU): it must read
+    # only its arguments and change nothing shared. A method that cannot promise this sets False.
+    concurrent_decompose: ClassVar[bool] = True
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.config_class()
@@ -169,7 +172,7 @@ class Method:
 
     # ------------------------------------------------------------------ stages
     def decompose(self, target: Target, weight: torch.Tensor, context: Context, config: Any) -> Factorization:
-        """Factorize one matrix (ratio-independent)."""
+        """Factorize one matrix (ratio-independent); may run beside other targets' (``concurrent_decompose``)."""
         raise NotImplementedError
 
     def decomposition_key(self, config: Any) -> str:

@@ -69,7 +69,7 @@ from bench.model.loaded import LoadedModel
 from bench.model.loading import load_model, reload_weights
 from bench.model.targets import find_targets, footprint
 from bench.storage import Lock, cache_root, disk_error, is_disk_error, json_key
-from bench.threads import describe
+from bench.threads import describe, ordered_in_threads
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ class Workspace:
         self._stats: dict[str, Mapping] = {}
         self._groups: dict[str, str] = {}
         self._failed: dict[str, Exception] = {}  # factor store key -> why its decomposition failed
+        self._decomposing_seconds = 0.0  # wall time inside the block passes' decompositions
 
     def timed(self, label: str, start: float) -> float:
         self.timings[label] = round(time.perf_counter() - start, 3)
@@ -196,14 +197,14 @@ class Workspace:
         return self._windows
 
     # ------------------------------------------------------------------ statistics and decompositions
-    def _collect(self, names: list[str], on_block=None, methods: list[Method] = ()) -> None:
+    def _collect(self, names: list[str], on_block=None) -> None:
         """Statistics ``names`` from the store, computed where missing; ``on_block`` sees each block."""
         computed: list[str] = []
-        start = time.perf_counter()
+        start, decomposing_before = time.perf_counter(), self._decomposing_seconds
         collected = collect_statistics(self.model, self.loaded.identity, self.targets, self.windows(),
                                        self.config.calibration, [self.registry.get("statistic", n) for n in names],
                                        device=self.config.device, on_block=on_block, computed=computed)
-        seconds = time.perf_counter() - start - sum(self.timings.get(f"decompose:{m.name}", 0.0) for m in methods)
+        seconds = time.perf_counter() - start - (self._decomposing_seconds - decomposing_before)
         if computed:
             self.timings[f"statistics:{','.join(computed)}"] = round(seconds, 3)
         self._groups.update(collected.input_group)
@@ -254,9 +255,10 @@ class Workspace:
         model = self.model
 
         def decompose_block(index, block_targets, block_stats, groups):
-            """Every pending method on each target in turn; a statistic of an input group is dropped once the
-            group's last target is done, so the block's largest gram (the MLP down projection's, decomposed
-            last) is not held beside the others' during its SVD."""
+            """Every pending method on every target of the block, in worker threads (see
+            :func:`decomposition_workers`); results are written in target order. A statistic of an input group
+            is dropped once the group's last target is done, so the block's largest gram (the MLP down
+            projection's, decomposed last) is not held beside the others' during its SVD."""
             stats = CalibrationStats(block_stats, groups)
             contexts = {key: Context(model=model, tokenizer=self.loaded.tokenizer, targets=self.targets, stats=stats,
                                      calibration=self.windows() if method.uses_calibration() else None,
@@ -264,38 +266,56 @@ class Workspace:
                                      model_identity=self.loaded.identity)
                         for key, (method, _) in pending.items()}
             last_of_group = {groups.get(t.name, t.name): t.name for t in block_targets}
-            for target in block_targets:
-                for key, (method, _) in list(pending.items()):
-                    start = time.perf_counter()
-                    try:
-                        with at_layer(target.name):
-                            factorization = method.decompose(target, contexts[key].weight(target), contexts[key],
-                                                             method.config)
-                            check_finite(factorization.s, target.name, "decompose", "singular values")
-                        writers[key].write_part(factor_tensors(target.name, factorization))
-                        shapes[key][target.name] = list(factorization.shape)
-                        if factorization.facts:
-                            facts[key][target.name] = factorization.facts
-                        del factorization
-                    except UsageError:
-                        raise
-                    except Exception as error:  # this method fails when it asks for its factorizations; the others go on
-                        log.warning("%s: decomposition failed in block %d (%s: %s)", method.name, index,
-                                    type(error).__name__, error)
-                        self._failed[key] = error
-                        writers.pop(key).abandon()
-                        del pending[key]
-                        continue
-                    self.timings[f"decompose:{method.name}"] += round(time.perf_counter() - start, 3)
+            methods = {key: method for key, (method, _) in pending.items()}
+            jobs = [(target, key) for target in block_targets for key in methods]
+            last_job = {target.name: (target, key) for target, key in jobs}
+
+            def decompose(job):
+                target, key = job
+                if key not in pending:  # it failed on an earlier target
+                    return None, 0.0
+                start = time.perf_counter()
+                with at_layer(target.name):
+                    factorization = methods[key].decompose(target, contexts[key].weight(target), contexts[key],
+                                                           methods[key].config)
+                    check_finite(factorization.s, target.name, "decompose", "singular values")
+                return factorization, time.perf_counter() - start
+
+            start, busy = time.perf_counter(), dict.fromkeys(methods, 0.0)
+            workers = decomposition_workers(self.config.device, list(methods.values()))
+            for (target, key), outcome, error in ordered_in_threads(decompose, jobs, workers):
+                if key in pending and error is None:
+                    factorization, busy_seconds = outcome
+                    busy[key] += busy_seconds
+                    writers[key].write_part(factor_tensors(target.name, factorization))
+                    shapes[key][target.name] = list(factorization.shape)
+                    if factorization.facts:
+                        facts[key][target.name] = factorization.facts
+                    del factorization, outcome
+                elif key in pending:
+                    if isinstance(error, UsageError):
+                        raise error
+                    # this method fails when it asks for its factorizations; the others go on
+                    log.warning("%s: decomposition failed in block %d (%s: %s)", methods[key].name, index,
+                                type(error).__name__, error)
+                    self._failed[key] = error
+                    writers.pop(key).abandon()
+                    del pending[key]
                 group = groups.get(target.name, target.name)
-                if last_of_group.get(group) == target.name:
+                if last_job[target.name] == (target, key) and last_of_group.get(group) == target.name:
                     for table in block_stats.values():  # no later target of the block reads them
                         table.pop(group, None)
+            # the block's wall time, shared among the methods in proportion to their threads' busy time
+            wall = time.perf_counter() - start
+            self._decomposing_seconds += wall
+            for key, seconds in busy.items():
+                label = f"decompose:{methods[key].name}"
+                self.timings[label] = round(self.timings[label] + wall * seconds / (sum(busy.values()) or 1.0), 3)
             release_free_memory()
 
         log.info("decomposing for %s, block by block", ", ".join(m.name for m in chosen))
         try:
-            self._collect(needed, decompose_block, chosen)
+            self._collect(needed, decompose_block)
             for key, (method, _) in pending.items():
                 writers[key].finish({"method": method.name, "shapes": shapes[key], "facts": facts[key]})
         except BaseException:
@@ -352,6 +372,15 @@ class Workspace:
 
 
 # --------------------------------------------------------------------------- bad numbers and failures
+
+def decomposition_workers(device: str, methods: list[Method]) -> int:
+    """Threads for a block's decompositions: one per torch thread on the CPU, each running torch with one
+    (see :func:`bench.threads.ordered_in_threads`); one on an accelerator, or when a method's ``decompose``
+    is not safe to run beside another (``Method.concurrent_decompose``)."""
+    if not device.startswith("cpu") or not all(m.concurrent_decompose for m in methods):
+        return 1
+    return torch.get_num_threads()
+
 
 def check_finite(tensor: torch.Tensor, layer: str | None, stage: str, what: str) -> None:
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
