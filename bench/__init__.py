@@ -27,6 +27,7 @@ _API = {
     **dict.fromkeys(('UsageError', 'unknown_name'), "bench.errors"),
     **dict.fromkeys(('LowRankLinear',), "bench.model.layers"),
     **dict.fromkeys(('first_nonfinite_module',), "bench.model.numerics"),
+    **dict.fromkeys(('linear_function', 'onednn_linear_works', 'onednn_linears'), "bench.model.kernels"),
     **dict.fromkeys(('BITS', 'GPTQ_GROUP_SIZES', 'GPTQ_INSTALL', 'GPTQLinear', 'META_DTYPES', 'QuantizedLinear',
                      'gptq_quantize_linears', 'quantize_linears'), "bench.model.quantized"),
     **dict.fromkeys(('Target', 'decoder_blocks', 'execution_device', 'footprint', 'set_module'), "bench.model.targets"),

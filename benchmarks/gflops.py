@@ -57,7 +57,7 @@ def gemm_peaks(shapes: dict[tuple[int, int], int], rows: int) -> dict[str, float
     import torch
     import torch.nn.functional as F
 
-    from tasks.perplexity import onednn_linear_works
+    from bench import onednn_linear_works
 
     kernels = {"float32 aten": (torch.float32, F.linear)}
     if onednn_linear_works():

@@ -54,6 +54,7 @@ or corrupted entry is rebuilt with a log line.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -64,7 +65,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from bench import (
@@ -81,6 +81,8 @@ from bench import (
     factorize,
     hookimpl,
     is_worth_factorizing,
+    linear_function,
+    onednn_linears,
     rank_for_ratio,
     uniform_ranks,
 )
@@ -187,6 +189,8 @@ class _Search:
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, candidates: int):
         self.work = copy.deepcopy(model).eval()
+        self.kernels = contextlib.ExitStack()  # the copy's linears use the evaluation's fast kernels
+        self.kernels.enter_context(onednn_linears(self.work))
         _, self.blocks = decoder_blocks(self.work)
         window_bytes = ids.shape[1] * self.work.get_output_embeddings().weight.shape[0] * 4
         self.parts = list(ids.split(max(1, LOGITS_BUDGET // window_bytes)))
@@ -271,10 +275,11 @@ class _Search:
         if self.group == 1 or type(module).forward is not nn.Linear.forward:
             return [self._one(module, weight) for weight in weights]
         out = []
+        kernel, forward = linear_function(module), vars(module).get("forward")
         for first in range(0, len(weights), self.group):
             chosen = weights[first:first + self.group]
             module.forward = lambda x, chosen=chosen: torch.cat(  # each candidate's rows through its own weight
-                [F.linear(rows, weight, module.bias) for rows, weight in zip(x.chunk(len(chosen)), chosen)])
+                [kernel(rows, weight, module.bias) for rows, weight in zip(x.chunk(len(chosen)), chosen)])
             per_part = []
             try:
                 for part in self._each_part():
@@ -282,6 +287,8 @@ class _Search:
                     per_part.append(self._group_losses(logits, part, len(chosen)))
             finally:
                 del module.forward
+                if forward is not None:
+                    module.forward = forward
             out += [self._mean(losses) for losses in zip(*per_part)]
         return out
 
@@ -342,6 +349,7 @@ def measure_sensitivity(model: nn.Module, targets: list[Target], factorizations:
     finally:
         progress.close()
         search.stop_skipping()
+        search.kernels.close()
     return table
 
 

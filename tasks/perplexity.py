@@ -13,11 +13,9 @@ vocabulary x sequence x batch (SmolLM2 at batch 8 x 2048 tokens would hold
 3.2 GB of logits at once). The chunked path is checked once per call against
 the model's own logits on a few tokens; a model whose head does more than a
 linear map (soft-capping, scaling) falls back to full logits. On CPU in
-float32, linears run through oneDNN (``torch.ops.mkldnn._linear_pointwise``)
-instead of the default BLAS when oneDNN is present: on CPUs whose BLAS does
-not use AVX-512 (MKL on AMD) it is about twice as fast at the model's shapes
-(``benchmarks/gflops.py`` measures both); the results agree to float32
-rounding.
+float32, linears run through oneDNN instead of the default BLAS when oneDNN
+is present (``bench.onednn_linears``: about twice as fast here; the results
+agree to float32 rounding).
 
 **Lower precision.** A model in bfloat16 or float16 (``--dtype``) is
 evaluated in that dtype, and its first batch of windows is also evaluated by
@@ -27,7 +25,6 @@ perplexities and their relative difference (the report's settings show it).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -48,6 +45,7 @@ from bench import (
     execution_device,
     first_nonfinite_module,
     hookimpl,
+    onednn_linears,
 )
 
 
@@ -66,42 +64,6 @@ def windows(ids: torch.Tensor, seqlen: int, limit: int | None) -> torch.Tensor:
 
 CHUNK_LOGITS = 2**24  # logits per cross-entropy chunk: 64 MiB in float32, whatever the vocabulary and batch
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def onednn_linear_works() -> bool:
-    """Whether oneDNN's linear is available here and agrees with ``F.linear`` (checked once per process)."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return False
-    generator = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=generator) for shape in ((2, 5, 64), (48, 64), (48,)))
-    try:
-        return torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-4, atol=1e-5)
-    except RuntimeError:
-        return False
-
-
-def _onednn_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [], "")
-
-
-@contextlib.contextmanager
-def onednn_linears(model: nn.Module, enabled: bool = True):
-    """Inside the block, the float32 CPU ``nn.Linear`` modules of ``model`` (inference only) use oneDNN."""
-    swapped = []
-    if enabled and onednn_linear_works():
-        for module in model.modules():
-            if (type(module) is nn.Linear and "forward" not in vars(module) and module.weight.device.type == "cpu"
-                    and module.weight.dtype == torch.float32 and module.weight.layout == torch.strided
-                    and module.weight.is_contiguous()):
-                module.forward = functools.partial(_onednn_forward, module)
-                swapped.append(module)
-    try:
-        yield len(swapped)
-    finally:
-        for module in swapped:
-            vars(module).pop("forward", None)
 
 
 def _chunked_head(model: nn.Module, sample: torch.Tensor):

@@ -9,12 +9,18 @@ import torch
 from asvd_reference import reference_sensitivity
 from conftest import tiny_model
 
-from bench import CalibrationStats, Context, factorize
+from bench import CalibrationStats, Context, factorize, onednn_linear_works, onednn_linears
 from bench.model.targets import find_targets
 from methods import asvd as asvd_module
 from methods.asvd import ASVD, measure_sensitivity, sensitivity_ranks, uniform_budget
 
 CANDIDATES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+
+
+def reference(model, *args):
+    """The one-pass-per-candidate search, its linears on the kernels the search uses (oneDNN where it works)."""
+    with onednn_linears(model):
+        return reference_sensitivity(model, *args)
 
 
 def search_inputs(family: str, seed: int = 0, windows: int = 2, seqlen: int = 32):
@@ -32,34 +38,44 @@ def test_batched_search_gives_the_reference_table_bit_for_bit(family):
     model, targets, factorizations, ids = search_inputs(family)
     before = {name: p.clone() for name, p in model.state_dict().items()}
     table = measure_sensitivity(model, targets, factorizations, CANDIDATES, ids)
-    assert table == reference_sensitivity(model, targets, factorizations, CANDIDATES, ids)
+    assert table == reference(model, targets, factorizations, CANDIDATES, ids)
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # the model is untouched
     assert all(type(model.get_submodule(t.name)) is torch.nn.Linear and "forward" not in vars(model.get_submodule(t.name))
                for t in targets)
 
 
+def test_the_search_runs_on_the_evaluations_kernels():
+    model, targets, factorizations, ids = search_inputs("llama", seed=1)
+    with torch.no_grad():
+        search = asvd_module._Search(model, ids, len(CANDIDATES))
+    linear = search.work.get_submodule(targets[0].name)
+    assert (asvd_module.linear_function(linear) is not torch.nn.functional.linear) == onednn_linear_works()
+    search.kernels.close()
+    assert asvd_module.linear_function(linear) is torch.nn.functional.linear
+
+
 def test_one_pass_per_candidate_when_batching_would_not_be_exact(monkeypatch):
     model, targets, factorizations, ids = search_inputs("llama", seed=2)
     monkeypatch.setattr(asvd_module._Search, "_batching_is_exact", lambda self: False)
-    assert measure_sensitivity(model, targets, factorizations, CANDIDATES, ids) == reference_sensitivity(
+    assert measure_sensitivity(model, targets, factorizations, CANDIDATES, ids) == reference(
         model, targets, factorizations, CANDIDATES, ids)
 
 
 def test_windows_in_parts_give_the_same_perplexities_and_ranks(monkeypatch):
     """With logits too big for one pass the windows go in parts: equal up to float rounding, same allocation."""
     model, targets, factorizations, ids = search_inputs("llama", seed=3, windows=5)
-    reference = reference_sensitivity(model, targets, factorizations, CANDIDATES, ids)
+    expected = reference(model, targets, factorizations, CANDIDATES, ids)
     monkeypatch.setattr(asvd_module, "LOGITS_BUDGET", 2 * 32 * 128 * 4)  # two windows' logits per pass
     with torch.no_grad():
         search = asvd_module._Search(model, ids, len(CANDIDATES))
     assert [len(p) for p in search.parts] == [2, 2, 1] and search.group == 1
     table = measure_sensitivity(model, targets, factorizations, CANDIDATES, ids)
-    for name, row in reference.items():
+    for name, row in expected.items():
         for kept, value in row.items():
             assert table[name][kept] == pytest.approx(value, rel=1e-5)
     for ratio in (0.2, 0.4):
         budget = uniform_budget(targets, ratio)
-        assert sensitivity_ranks(targets, table, budget) == sensitivity_ranks(targets, reference, budget)
+        assert sensitivity_ranks(targets, table, budget) == sensitivity_ranks(targets, expected, budget)
 
 
 def test_the_whole_calibration_set_is_one_setting_away(tmp_path):
@@ -100,7 +116,7 @@ def test_batched_search_equals_the_reference_on_smollm2(smollm2):
     factorizations = {t.name: factorize(model.get_submodule(t.name).weight.detach()) for t in targets}
     ids = calibration_batches(smollm2.tokenizer, CalibrationConfig(samples=2, seqlen=64))
     table = measure_sensitivity(model, targets, factorizations, CANDIDATES, ids)
-    assert table == reference_sensitivity(model, targets, factorizations, CANDIDATES, ids)
+    assert table == reference(model, targets, factorizations, CANDIDATES, ids)
     assert all(math.isfinite(v) for row in table.values() for v in row.values())
 
 

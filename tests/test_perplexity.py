@@ -121,7 +121,7 @@ def test_a_head_that_is_not_a_plain_linear_falls_back_to_the_models_logits():
 
 
 def test_onednn_linears_agree_with_torch_and_are_restored():
-    from tasks.perplexity import onednn_linear_works, onednn_linears
+    from bench import onednn_linear_works, onednn_linears
 
     if not onednn_linear_works():
         pytest.skip("oneDNN's linear is not available in this torch build")
