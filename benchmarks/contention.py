@@ -85,6 +85,9 @@ def worker(args) -> None:
         if args.policy == "passive":
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         configure(args.threads)
+        from bench.memory import reuse_freed_memory
+
+        reuse_freed_memory()
     import torch
 
     from bench.threads import describe

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bench.engine.config import CalibrationConfig, ExecutorConfig, RunConfig
 from bench.engine.executor import run
+from bench.memory import reuse_freed_memory
 from bench.model.loading import load_model
 from bench.storage import cache_root
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPUs of the local Ray instance (default: Ray counts them); e.g. 2 under taskset -c 0,1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    reuse_freed_memory()  # as the svdbench command does (Ray's workers do it themselves)
 
     shared_models = cache_root() / "models"
     shared_models.mkdir(parents=True, exist_ok=True)

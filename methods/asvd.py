@@ -35,10 +35,14 @@ windows (earlier blocks are unchanged, so this is exact - checked at run time
 against a full forward pass, with a fall-back to full passes if a model
 family breaks it). The candidates of one linear share batched forward passes
 whose per-candidate losses are bit for bit those of one pass per candidate
-(checked at run time; see :class:`_Search`). The search is bound by its
-arithmetic: about 87 GFLOP per evaluation on 2 x 256 tokens (the blocks after
-the truncated one, the LM head over 49,152 tokens), 110 TFLOP for the whole
-grid.
+(checked at run time; see :class:`_Search`). The copy's linears run on
+oneDNN, the perplexity task's kernels (``bench.onednn_linears``; the table
+moves by about 2e-6 relative from torch's default kernels, the ranks do not).
+The search is bound by its arithmetic: about 85 GFLOP of linears per
+evaluation on 2 x 256 tokens (the blocks after the truncated one, the LM
+head over 49,152 tokens), 107 TFLOP for the whole grid, which oneDNN runs
+near this CPU's float32 peak: the full default grid took 7.2 min on two
+cores (``benchmarks/asvd_search.py``).
 
 **Non-finite guard.** A truncation whose calibration loss is NaN/inf (the
 reference produced NaNs below 0.75 parameter ratio, its issue #7) gets an

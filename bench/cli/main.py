@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.errors import UsageError
 from bench.interrupts import install as install_interrupt_handler
+from bench.memory import reuse_freed_memory
 from bench.threads import configure as configure_threads
 
 EXIT_USAGE = 2
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     install_interrupt_handler()  # Ctrl-C is never swallowed by a finalizer
     try:
         configure_threads(_threads(argv))  # before anything imports torch
+        reuse_freed_memory()
         from bench.engine.plugins import load_registry
 
         plugins_dirs = _plugins_dirs(argv)

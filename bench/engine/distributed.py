@@ -29,6 +29,7 @@ from typing import Any
 
 from bench.engine.config import ExecutorConfig
 from bench.errors import UsageError
+from bench.memory import reuse_freed_memory
 from bench.storage import cache_root
 from bench.threads import WAIT_ENV
 
@@ -82,6 +83,7 @@ def in_worker(function: Callable, env: dict[str, str], *args) -> dict:
     import torch
 
     os.environ.update(env)
+    reuse_freed_memory()
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     threads = max(1, int(cpus)) if cpus else torch.get_num_threads()
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries that read it when they start

@@ -63,7 +63,7 @@ from bench.engine.provenance import git_revision, package_versions
 from bench.engine.results import Results
 from bench.engine.stores import EntryWriter, factor_tensors, open_entry, store_root, stored_factorizations
 from bench.errors import NonFinite, UsageError
-from bench.memory import release_free_memory
+from bench.memory import allocator_settings, release_free_memory
 from bench.model.checkpoint import Checkpoint
 from bench.model.loaded import LoadedModel
 from bench.model.loading import load_model, reload_weights
@@ -588,6 +588,7 @@ def manifest(config: RunConfig, registry: Registry, workspace: Workspace, plan: 
         "tasks": {name: registry.get("task", name).describe() for name in config.tasks},
         "timings": workspace.timings,
         "threads": describe(),
+        "allocator": dict(allocator_settings) or {"allocator": "unchanged (svdbench's settings not applied)"},
     }
 
 
