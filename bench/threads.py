@@ -15,11 +15,9 @@ therefore, before torch starts its thread pools (it must run before
 - sets ``GOMP_SPINCOUNT=300`` (GNU OpenMP, which torch's Linux wheels use:
   an idle worker spins 300 rounds, then sleeps) unless the user set
   ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``. Measured on two cores
-  (``benchmarks/contention.py``, medians of 5): the decomposition step
-  1.69 s alone and 1.77x slower beside a busy process (torch's defaults:
-  1.37 s and 3.0x, up to 25x in other runs; passive: 2.88 s and 0.92x), the
-  evaluation 1.87 s and 1.81x (torch: 1.83 s and 2.4x; passive: 2.05 s and
-  1.72x);
+  (``benchmarks/contention.py``, medians of 5): the evaluation 1.95-2.08 s
+  alone and 1.65-1.72x slower beside a busy process (torch's defaults:
+  1.90-1.94 s and 2.5-2.8x; passive: 1.94-2.00 s and 1.74x);
 - sizes the pools from the CPUs this process may actually use - its affinity
   mask and its cgroup CPU quota, whichever is smaller - instead of the
   machine's core count (a container limited to 2 CPUs on a 64-core host
@@ -28,6 +26,12 @@ therefore, before torch starts its thread pools (it must run before
 - turns off the tokenizers library's own thread pool
   (``TOKENIZERS_PARALLELISM=false``) unless the user set it: a third pool
   competing with torch's for the same cores buys nothing here.
+
+Work made of LAPACK's many small parallel regions - the decompositions - runs
+instead a matrix per thread with one torch thread each
+(:func:`ordered_in_threads`): 1.18 s alone and 1.47x beside a busy process,
+against 1.72 s and 3.1x for torch's defaults one matrix after another (up to
+25x in other runs).
 
 :func:`describe` is what the run manifest records. This module imports no
 torch at module level, so the command line can call :func:`configure` first.
