@@ -41,7 +41,7 @@ moves by about 2e-6 relative from torch's default kernels, the ranks do not).
 The search is bound by its arithmetic: about 85 GFLOP of linears per
 evaluation on 2 x 256 tokens (the blocks after the truncated one, the LM
 head over 49,152 tokens), 107 TFLOP for the whole grid, which oneDNN runs
-near this CPU's float32 peak: the full default grid took 7.2 min on two
+near this CPU's float32 peak: the full default grid took 5.9 min on two
 cores (``benchmarks/asvd_search.py``).
 
 **Non-finite guard.** A truncation whose calibration loss is NaN/inf (the

@@ -158,7 +158,7 @@ PROFILES: dict[str, dict] = {
         "calibration": {"dataset": "wikitext2", "samples": 16, "seqlen": 256, "seed": 3},
         # CPU-sized budgets for the two costly stages: ASVD's sensitivity search
         # (its default, 210 linears x 6 kept fractions on 2 x 256 tokens, takes about
-        # 7 min on two cores; here 210 x 3 on 128 tokens) and the sequential LoRA update
+        # 6 min on two cores; here 210 x 3 on 128 tokens) and the sequential LoRA update
         # (a step of 4 examples takes ~4 s here: 2 steps per phase is a smoke-sized update;
         # the Table-4 ablation uses the default 24 - see README)
         "method_options": {
