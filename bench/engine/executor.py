@@ -110,6 +110,15 @@ class Collected:
         self.timings[label] = seconds
 
 
+def decomposition_workers(device: str, methods: list[Method]) -> int:
+    """Threads for a block's decompositions: one per torch thread on the CPU, each running torch with one
+    (see :func:`bench.threads.ordered_in_threads`); one on an accelerator, or when a method's ``decompose``
+    is not safe to run beside another (``Method.concurrent_decompose``)."""
+    if not device.startswith("cpu") or not all(m.concurrent_decompose for m in methods):
+        return 1
+    return torch.get_num_threads()
+
+
 class Workspace:
     """What the groups of one run share in one process.
 
@@ -260,13 +269,13 @@ class Workspace:
             is dropped once the group's last target is done, so the block's largest gram (the MLP down
             projection's, decomposed last) is not held beside the others' during its SVD."""
             stats = CalibrationStats(block_stats, groups)
+            methods = {key: method for key, (method, _) in pending.items()}
             contexts = {key: Context(model=model, tokenizer=self.loaded.tokenizer, targets=self.targets, stats=stats,
                                      calibration=self.windows() if method.uses_calibration() else None,
                                      device=self.config.device, cache_dir=cache_root(),
                                      model_identity=self.loaded.identity)
-                        for key, (method, _) in pending.items()}
+                        for key, method in methods.items()}
             last_of_group = {groups.get(t.name, t.name): t.name for t in block_targets}
-            methods = {key: method for key, (method, _) in pending.items()}
             jobs = [(target, key) for target in block_targets for key in methods]
             last_job = {target.name: (target, key) for target, key in jobs}
 
@@ -372,15 +381,6 @@ class Workspace:
 
 
 # --------------------------------------------------------------------------- bad numbers and failures
-
-def decomposition_workers(device: str, methods: list[Method]) -> int:
-    """Threads for a block's decompositions: one per torch thread on the CPU, each running torch with one
-    (see :func:`bench.threads.ordered_in_threads`); one on an accelerator, or when a method's ``decompose``
-    is not safe to run beside another (``Method.concurrent_decompose``)."""
-    if not device.startswith("cpu") or not all(m.concurrent_decompose for m in methods):
-        return 1
-    return torch.get_num_threads()
-
 
 def check_finite(tensor: torch.Tensor, layer: str | None, stage: str, what: str) -> None:
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
