@@ -4,8 +4,9 @@ Runs the harness with a throughput task (dense first, then each ratio, all in
 one process so that speed-ups are ratios measured under the same conditions)
 and prints tokens/s, speed-up over dense and peak memory per grid point and
 decoding path: eager (the forward pass step by step on the dynamic KV cache)
-and compiled (HF static cache, ``torch.compile``-d step; tens of seconds or more
-of compiling per model and batch size on a CPU, excluded from the figures).
+and compiled (HF static cache, ``torch.compile``-d step with frozen, autotuned
+GEMMs on a CPU; one to two minutes of compiling per model and batch size on two
+cores, excluded from the figures).
 
     python benchmarks/throughput.py                      # svdllm_w at 20/40/60/80% on SmolLM2-135M
     python benchmarks/throughput.py --ratios 0.6 --batch-sizes 1 --prompt-lens 128 --decode-lens 32

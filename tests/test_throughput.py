@@ -111,6 +111,23 @@ def test_the_static_cache_step_decodes_what_generate_decodes():
 
 
 @pytest.mark.slow
+def test_the_compiled_step_decodes_what_generate_decodes():
+    """Frozen, autotuned and run without guard checks after its first call, the compiled step still gives
+    ``generate``'s greedy tokens, for two prompts in a row."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama", vocab_size=128)
+    prompt = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    decoder = CompiledDecoder(model, max_len=16)
+    for length in (8, 5):
+        _, _, _, tokens = decoder.generate(prompt[:, :length], 6)
+        expected = model.generate(prompt[:, :length], attention_mask=torch.ones_like(prompt[:, :length]),
+                                  max_new_tokens=7, min_new_tokens=7, do_sample=False)
+        assert torch.equal(torch.cat(tokens, 1), expected[:, length:])
+    assert decoder.warm
+
+
+@pytest.mark.slow
 def test_the_compiled_path_through_the_task():
     """torch.compile of a tiny model: decode figures for every point, the compile time kept aside."""
     from conftest import tiny_model
