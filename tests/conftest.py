@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 
 import pytest
 import torch
@@ -19,6 +20,13 @@ os.environ["SVDBENCH_PLUGINS"] = ""
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A test runner started as a background job of a non-interactive shell (``cmd &`` in a script)
+# inherits SIGINT ignored, and so would every svdbench process it starts: svdbench then rightly
+# leaves Ctrl-C alone, and the interrupt tests fail. Python's own handler here makes the suite and
+# its child processes (reset to the default action on exec) receive SIGINT as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from bench.engine.plugins import load_registry  # noqa: E402
 from bench.model.loaded import LoadedModel  # noqa: E402
