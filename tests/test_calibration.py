@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 from conftest import tiny_model
+from families import whole_model_statistics
 
 from bench.engine.calibration import StatisticsStore, calibration_batches, collect_statistics
 from bench.engine.config import CalibrationConfig
@@ -98,34 +99,6 @@ def test_two_models_never_share_an_entry(tmp_path):
     assert len([p for p in tmp_path.iterdir() if (p / "manifest.json").exists()]) == 2
     name = "model.layers.0.self_attn.q_proj"
     assert not torch.allclose(a.get("gram", name), b.get("gram", name))
-
-
-def whole_model_statistics(model, batches, statistics):
-    """The reference: every window through the whole model at once, hooks on every linear (the old engine)."""
-    targets = find_targets(model)
-    groups, last = {}, {"tensor": None, "target": None, "first": True}
-    for statistic in statistics:
-        statistic.start()
-
-    def hook(target):
-        def observe(_module, inputs, _output):
-            x = inputs[0]
-            if last["first"]:
-                groups[target.name] = groups[last["target"]] if last["tensor"] is x else target.name
-                last["tensor"], last["target"] = x, target.name
-            if groups[target.name] == target.name:
-                for statistic in statistics:
-                    statistic.observe(target.name, x.detach().reshape(-1, x.shape[-1]))
-        return observe
-
-    handles = [model.get_submodule(t.name).register_forward_hook(hook(t)) for t in targets]
-    with torch.no_grad():
-        for row in batches:
-            model(row[None], use_cache=False)
-            last["first"], last["tensor"] = False, None
-    for handle in handles:
-        handle.remove()
-    return {s.name: s.result() for s in statistics}, groups
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt"])

@@ -4,20 +4,24 @@ Statistics are taken on the **original** model, accumulated in float64 per
 layer; activations are never kept beyond one decoder block.
 
 **Forward statistics** (gram, abs_mean, block inputs) stream through the
-model one decoder block at a time: the inputs of the first block are captured
-for every calibration window once (the model runs up to it); then each block
-in turn is brought to the device, runs every window's hidden states with the
-statistics' hooks on its linears, passes its outputs on as the next block's
-inputs, and is put back. The hooks see exactly the tensors a whole-model pass
-would show them, in the same order per layer, so the statistics are
-bit-identical to it (tested). Linears that read the same input (q/k/v,
+model one decoder block at a time: for every calibration window, the first
+block's hidden states and the arguments the model gives *each* block (its
+attention mask and position embeddings, which differ per layer type in
+Gemma-2/3 and every config with ``layer_types``) are captured once, by the
+model's own forward pass with every block passing its input through; then
+each block in turn is brought to the device, runs every window's hidden
+states with its own arguments and the statistics' hooks on its linears,
+passes its outputs on as the next block's inputs, and is put back. The hooks
+see exactly the tensors a whole-model pass would show them, in the same
+order per layer, so the statistics equal it (tested per family in
+``tests/test_families.py``). Linears that read the same input (q/k/v,
 gate/up) share one statistic: the engine detects them on the first window.
 
 **Gradient statistics** (fisher, grad_norm) need the LM loss's gradient. Per
 window, the blocks run forward once (no graph) keeping each block's input;
 the loss and its gradient with respect to the last block's output come from
 the model's own head; then the blocks run backward from the last to the
-first, each recomputed from its kept input with a graph. Memory: one block's
+first, each recomputed from its kept input (and its own arguments) with a graph. Memory: one block's
 activations with their graph, plus one window's hidden states at every block
 boundary (blocks x seqlen x hidden), instead of the whole model's graph.
 
@@ -71,6 +75,21 @@ class _Captured(Exception):
         self.args_, self.kwargs = args, kwargs
 
 
+def _split_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """A block call's hidden states and every other argument, as keywords (positional extras kept in order)."""
+    kwargs = dict(kwargs)
+    if args:
+        hidden, extra = args[0], args[1:]
+    else:
+        hidden, extra = kwargs.pop("hidden_states"), ()
+    if extra:
+        kwargs[_POSITIONAL] = extra
+    return hidden, kwargs
+
+
+_POSITIONAL = "__svdbench_positional__"
+
+
 def first_block_inputs(model: nn.Module, window: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The hidden states and keyword arguments the first decoder block receives for one window."""
     _, blocks = decoder_blocks(model)
@@ -83,17 +102,64 @@ def first_block_inputs(model: nn.Module, window: torch.Tensor) -> tuple[torch.Te
         with torch.no_grad():
             model(window[None].to(execution_device(model)), use_cache=False)
     except _Captured as captured:
-        kwargs = dict(captured.kwargs)
-        hidden = captured.args_[0] if captured.args_ else kwargs.pop("hidden_states")
-        return hidden, kwargs
+        return _split_inputs(captured.args_, captured.kwargs)
     finally:
         handle.remove()
     raise RuntimeError(f"{type(model).__name__} never called its first decoder block")
 
 
+def block_inputs(model: nn.Module, window: torch.Tensor, tuple_output: bool) -> tuple[torch.Tensor, list[dict]]:
+    """The first block's hidden states and, for *every* block, the other arguments the model gives it.
+
+    Models give their blocks different arguments per layer type (Gemma-2/3's
+    sliding-window and global masks, Gemma-3's local and global RoPE, any
+    config with ``layer_types``), so each block's are captured from the
+    model's own forward pass: every block passes its input through unchanged
+    (nothing is computed) while a pre-hook records what it was called with,
+    and the pass stops at the last block (no head, no logits).
+    """
+    _, blocks = decoder_blocks(model)
+    captured: list[dict] = []
+    first: list[torch.Tensor] = []
+
+    def record(_module, args, kwargs):
+        hidden, rest = _split_inputs(args, kwargs)
+        if not first:
+            first.append(hidden)
+        captured.append(rest)
+        if len(captured) == len(blocks):
+            raise _Captured((), {})
+
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    try:
+        with torch.no_grad(), _passing_through(blocks, None, tuple_output):
+            model(window[None].to(execution_device(model)), use_cache=False)
+    except _Captured:
+        return first[0], captured
+    finally:
+        for handle in handles:
+            handle.remove()
+    raise RuntimeError(f"{type(model).__name__} called {len(captured)} of its {len(blocks)} decoder blocks")
+
+
+def returns_tuple(model: nn.Module, window: torch.Tensor) -> bool:
+    """Whether the model's decoder blocks return a tuple (Bloom, Falcon) or the hidden states alone: block 0, run once."""
+    _, blocks = decoder_blocks(model)
+    hidden, kwargs = first_block_inputs(model, window)
+    with torch.no_grad(), on_device(blocks[0], execution_device(model)):
+        return isinstance(_call(blocks[0], hidden, kwargs), tuple)
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, kwargs: dict):
+    if _POSITIONAL in kwargs:
+        kwargs = dict(kwargs)
+        return block(hidden, *kwargs.pop(_POSITIONAL), **kwargs)
+    return block(hidden, **kwargs)
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One block's output hidden states (decoder layers return a tensor or a tuple starting with it)."""
-    out = block(hidden, **kwargs)
+    out = _call(block, hidden, kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -114,8 +180,9 @@ def on_device(module: nn.Module, device):
 
 
 @contextmanager
-def _passing_through(blocks: nn.ModuleList, last: torch.Tensor, tuple_output: bool):
-    """Every block returns without computing: the last one returns ``last``, the others their input."""
+def _passing_through(blocks: nn.ModuleList, last: torch.Tensor | None, tuple_output: bool):
+    """Every block returns without computing: the last one returns ``last`` (None: its input), the others their
+    input."""
     for i, block in enumerate(blocks):
         result = last if i == len(blocks) - 1 else None
 
@@ -153,9 +220,10 @@ def forward_statistics(model: nn.Module, targets: list[Target], windows: torch.T
     by_block = _by_block(targets)
     per_input = [s for s in statistics if s.scope != "block"]
     per_block = [s for s in statistics if s.scope == "block"]
-    hidden, kwargs = [], []
+    tuple_output = returns_tuple(model, windows[0])
+    hidden, kwargs = [], []  # kwargs[j][i]: what block i receives for window j
     for window in tqdm(windows, desc="calibration (inputs)", leave=False, unit="sample"):
-        h, k = first_block_inputs(model, window)
+        h, k = block_inputs(model, window, tuple_output)
         hidden.append(h)
         kwargs.append(k)
     groups: dict[str, str] = {}
@@ -169,7 +237,7 @@ def forward_statistics(model: nn.Module, targets: list[Target], windows: torch.T
             try:
                 with torch.no_grad():
                     for j in range(len(hidden)):
-                        hidden[j] = run_block(block, hidden[j], kwargs[j])
+                        hidden[j] = run_block(block, hidden[j], kwargs[j][index])
                         first["window"] = False
             finally:
                 for handle in handles:
@@ -225,16 +293,15 @@ def gradient_statistics(model: nn.Module, targets: list[Target], windows: torch.
     for statistic in statistics:
         statistic.start()
     try:
+        tuple_output = returns_tuple(model, windows[0])
         for window in tqdm(windows, desc="calibration (gradients)", leave=False, unit="sample"):
-            hidden, kwargs = first_block_inputs(model, window)
+            hidden, kwargs = block_inputs(model, window, tuple_output)
             inputs = []
             with torch.no_grad():
-                for block in blocks:
+                for index, block in enumerate(blocks):
                     inputs.append(hidden)
                     with on_device(block, device):
-                        out = block(hidden, **kwargs)
-                    tuple_output = isinstance(out, tuple)
-                    hidden = out[0] if tuple_output else out
+                        hidden = run_block(block, hidden, kwargs[index])
             last = hidden.detach().requires_grad_(True)
             ids = window[None].to(execution_device(model))
             with torch.enable_grad(), _passing_through(blocks, last, tuple_output):
@@ -246,7 +313,7 @@ def gradient_statistics(model: nn.Module, targets: list[Target], windows: torch.
                 block = blocks[index]
                 with on_device(block, device), torch.enable_grad():
                     h = inputs[index].detach().requires_grad_(index > 0)
-                    run_block(block, h, kwargs).backward(grad)
+                    run_block(block, h, kwargs[index]).backward(grad)
                     for target in by_block.get(index, []):
                         weight = model.get_submodule(target.name).weight
                         for statistic in statistics:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
+from bench.model.prepare import prepare_model
 from bench.model.targets import set_module
 
 
@@ -32,10 +33,12 @@ class Checkpoint:
         if not files:
             raise UsageError(f"{self.directory} holds no .safetensors file; svdbench reads checkpoints in safetensors")
         self.file_of: dict[str, Path] = {}
+        self.shape_of: dict[str, tuple[int, ...]] = {}
         for path in files:
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():
                     self.file_of[name] = path
+                    self.shape_of[name] = tuple(handle.get_slice(name).get_shape())
 
     def config(self):
         from transformers import AutoConfig
@@ -64,7 +67,24 @@ def empty_model(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        prepare_model(model)
+    return model
+
+
+def checkpoint_matches(model: nn.Module, directory: Path | str) -> bool:
+    """Whether every parameter of ``model`` (tied ones excepted) is stored under its own name in ``directory``'s
+    safetensors files, so a model can be assembled from them tensor by tensor.
+
+    Not so for checkpoints whose names transformers converts on load (MoE experts fused from per-expert tensors,
+    GPT-NeoX's ``embed_out``, a multimodal model's language model) or whose layers svdbench changes on load
+    (GPT-2's transposed ``Conv1D``): such a model stays in memory instead (it is never assembled from the file).
+    """
+    try:
+        shapes = Checkpoint(directory).shape_of
+    except UsageError:
+        return False
+    return all(shapes.get(name) == tuple(p.shape) for name, p in model.named_parameters())  # tied ones listed once
 
 
 def fill_from_checkpoint(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from bench.errors import UsageError
-from bench.model.checkpoint import is_checkpoint
+from bench.model.checkpoint import checkpoint_matches, is_checkpoint
+from bench.model.prepare import prepare_model
 from bench.model.loaded import LoadedModel
 from bench.model.saving import MANIFEST, directory_identity, load_compressed
 from bench.storage import (
@@ -77,6 +78,12 @@ def _load_tokenizer_and_model(path: str, gguf_file: str | None, dtype: torch.dty
                          f"{(missing or ['-'])[0]}; {len(unexpected)} unexpected; {len(mismatched)} of another "
                          f"shape){hint}")
     return tokenizer, model
+
+
+def _prepared(model: torch.nn.Module, info: dict) -> torch.nn.Module:
+    """``model`` with every matrix an ``nn.Linear`` (:mod:`bench.model.prepare`); what changed goes into ``info``."""
+    info.update(prepare_model(model))
+    return model
 
 
 def load_directory(path: Path, dtype: torch.dtype):
@@ -198,9 +205,11 @@ def load_gguf(gguf: Path, name: str, dtype: torch.dtype = torch.float32) -> Load
         shutil.rmtree(out_dir, ignore_errors=True)
         raise UsageError(f"the converted model in {out_dir} does not load ({_first_line(error)}); it was removed: "
                          "run the same command again to convert it anew") from None
+    info = {"gguf_sha256": gguf_sha}
+    model = _prepared(model, info)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, source=f"gguf:{gguf}",
-                       identity=directory_identity(model, out_dir), info={"gguf_sha256": gguf_sha},
-                       checkpoint=out_dir)
+                       identity=directory_identity(model, out_dir), info=info,
+                       checkpoint=out_dir if checkpoint_matches(model, out_dir) else None)
 
 
 def place_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
@@ -230,7 +239,8 @@ def reload_weights(checkpoint: Path, device: str = "cpu", dtype: torch.dtype = t
     """The model of an already-loaded spec, read again from its checkpoint (after the engine dropped it)."""
     from transformers import AutoModelForCausalLM
 
-    return place_model(AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).eval(), device)
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+    return place_model(_prepared(model, {}).eval(), device)
 
 
 def model_directory(spec: str) -> Path | None:
@@ -262,8 +272,12 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
             loaded = load_compressed(path, dtype)
         elif path.is_dir() and (path / "config.json").exists():
             tokenizer, model = load_directory(path, dtype)
+            info: dict = {}
+            model = _prepared(model, info)
+            readable = is_checkpoint(path) and checkpoint_matches(model, path)
             loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, name=path.name, source=f"dir:{path.resolve()}",
-                                 identity=directory_identity(model, path), checkpoint=path if is_checkpoint(path) else None)
+                                 identity=directory_identity(model, path), info=info,
+                                 checkpoint=path if readable else None)
         else:
             raise UsageError(f"unknown model '{spec}'; use '{DEFAULT_MODEL}', a Hugging Face model directory "
                              "(with config.json) or a .gguf file")

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
+from bench.model.prepare import prepare_model
 from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.quantized import BITS, GPTQ_GROUP_SIZES, META_DTYPES, GPTQLinear, QuantizedLinear
@@ -491,6 +492,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> Loa
         config = AutoConfig.from_pretrained(path)
         saved_dtype = getattr(torch, manifest["dtype"])
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
+        prepare_model(model)  # saved as the engine held it: every matrix an nn.Linear
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ManifestError(f"cannot build the architecture of {path / 'config.json'}: {error}") from None
     _rebuild(model, manifest, str(path / MANIFEST))

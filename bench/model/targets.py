@@ -36,21 +36,39 @@ class Target:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's decoder blocks: the longest ModuleList of same-type modules holding linears."""
+    """The model's decoder blocks: the longest ModuleList of same-type modules holding linears, not counting lists
+    inside such a list's elements (a MoE block's experts), searched in the language model's decoder where the
+    model names one (a multimodal model's vision tower has blocks too)."""
     best: tuple[str, nn.ModuleList] | None = None
+    outer: list[str] = []
+    within = _decoder_path(model)
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if within and not name.startswith(f"{within}."):
             continue
         if len({type(block) for block in module}) != 1:
             continue
         if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
             continue
+        if any(name.startswith(f"{other}.") for other in outer):
+            continue
+        outer.append(name)
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
         raise UsageError(f"cannot find decoder blocks in {type(model).__name__}; "
                          "svdbench compresses models whose blocks sit in an nn.ModuleList")
     return best
+
+
+def _decoder_path(model: nn.Module) -> str:
+    """The module path of the model's text decoder (transformers' ``get_decoder``), or "" when it names none."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return ""
+    return next((name for name, module in model.named_modules() if module is decoder and name), "")
 
 
 def find_targets(model: nn.Module) -> list[Target]:
