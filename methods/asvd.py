@@ -215,9 +215,9 @@ class _Search:
         return sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens)
 
     def _group_losses(self, logits: torch.Tensor, part: torch.Tensor, count: int) -> list[float]:
-        rows = len(part)
-        return [float(self.work.loss_function(logits=logits[i * rows:(i + 1) * rows], labels=part,
-                                              vocab_size=self.work.config.vocab_size)) for i in range(count)]
+        rows, vocab = len(part), self.work.config.get_text_config().vocab_size
+        return [float(self.work.loss_function(logits=logits[i * rows:(i + 1) * rows], labels=part, vocab_size=vocab))
+                for i in range(count)]
 
     def _batching_is_exact(self) -> bool:
         """Whether one pass over the first part repeated ``group`` times gives every copy the single pass's

@@ -78,6 +78,7 @@ def settings_lines(manifest: dict, records: list[dict] | None = None) -> list[st
         + (f"; {model['note']}" if model.get("note") else ""),
         f"- Ratio: {manifest.get('ratio_definition', '')}. Embeddings, lm_head and norms are never compressed but "
         "count in params and MiB.",
+        *_structure_lines(model),
         f"- Evaluation: seqlen {config.get('seqlen')}, "
         f"{'first ' + str(config['limit']) + ' windows/examples per task' if config.get('limit') else 'full test sets'}, "
         f"dtype {config.get('dtype')}, device {config.get('device')}.",
@@ -87,6 +88,25 @@ def settings_lines(manifest: dict, records: list[dict] | None = None) -> list[st
         *_thread_lines(manifest.get("threads")),
         f"- {DIRECTION}",
     ]
+
+
+def _structure_lines(model: dict) -> list[str]:
+    """What svdbench changed in the model's layers on load so that every matrix is a target (MoE experts, Conv1D)."""
+    lines = []
+    experts = model.get("experts")
+    if experts:
+        lines.append(f"- Mixture of experts: {experts.get('expert_matrices', 0)} expert matrices in "
+                     f"{experts.get('modules', 0)} MoE layers, each compressed (and quantized) like any other "
+                     "linear; the routers stay dense.")
+        left = experts.get("left_fused") or {}
+        if left:
+            name, reason = next(iter(left.items()))
+            lines.append(f"- Left dense: the experts of {len(left)} MoE layers (e.g. `{name}`: {reason}); they are "
+                         "not compressed.")
+    if model.get("conv1d_as_linear"):
+        lines.append(f"- {model['conv1d_as_linear']} Conv1D projections (GPT-2 style) are compressed as the linears "
+                     "they are (`x @ W + b`).")
+    return lines
 
 
 def _precision_lines(records: list[dict]) -> list[str]:

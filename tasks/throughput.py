@@ -316,7 +316,7 @@ def measure_compiled(model: nn.Module, grid: Grid, prompts: dict, weights: int) 
 def measure(model: nn.Module, grid: Grid, seed: int = 0) -> list[Measurement]:
     """Every grid point's throughput and memory for ``model`` (in eval mode, on its device), on each path."""
     device = execution_device(model)  # the offload hooks' device when blocks are offloaded
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     weights = footprint(model)["bytes"]
     generator = torch.Generator().manual_seed(seed)
     prompts = {(b, p, g): torch.randint(0, vocab, (b, p), generator=generator).to(device) for b, p, g in grid.points()}

@@ -28,8 +28,8 @@ import torch
 
 from bench.errors import UsageError
 from bench.model.checkpoint import checkpoint_matches, is_checkpoint
-from bench.model.prepare import prepare_model
 from bench.model.loaded import LoadedModel
+from bench.model.prepare import prepare_model
 from bench.model.saving import MANIFEST, directory_identity, load_compressed
 from bench.storage import (
     atomic_write_text,

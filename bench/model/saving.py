@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
-from bench.model.prepare import prepare_model
 from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
+from bench.model.prepare import prepare_model
 from bench.model.quantized import BITS, GPTQ_GROUP_SIZES, META_DTYPES, GPTQLinear, QuantizedLinear
 from bench.model.targets import set_module
 from bench.storage import (
