@@ -442,7 +442,7 @@ class ASVD(Method):
         return factorize(weight, Diagonal(scale))
 
     def cache_fields(self, context: Context, config: ASVDConfig, ids: torch.Tensor) -> dict:
-        return {"method": self.name, "version": VERSION, "model": context.model_identity,
+        return {"method": self.name, "version": VERSION, "code": self.code_version(), "model": context.model_identity,
                 "windows_sha256": hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest(),
                 "windows_shape": list(ids.shape), "alpha": config.alpha, "eps": config.eps,
                 "candidates": config.kept_candidates, "targets": [t.name for t in context.targets]}

@@ -245,6 +245,12 @@ class SVDQuantHybrid(Method):
     def decomposition_key(self, config) -> str:
         return self.base.decomposition_key(self.base.config)
 
+    def decomposition_version(self) -> str:
+        return self.base.decomposition_version()
+
+    def code_version(self) -> str:
+        return f"{super().code_version()}+{self.base.code_version()}"
+
     def allocate(self, ratio, factorizations, context, config):
         return self.base.allocate(ratio, factorizations, context, self.base.config)
 

@@ -112,7 +112,7 @@ def test_renamed_and_restructured_checkpoints_run_compress_and_reload(family, tm
     model = gemma3_multimodal() if family == "gemma3_multimodal" else family_model(family, layers=2, prepared=False)
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
-    methods = "svdllm_w,hqq,asvd" if family == "gemma3_multimodal" else "svdllm_w,hqq"  # asvd reads the text config
+    methods = {"gemma3_multimodal": "svdllm_w,hqq,asvd", "qwen3_moe": "svdllm_w,gptq"}.get(family, "svdllm_w,hqq")
     results = _run(["run", "--model", str(source), "--methods", methods, "--ratios", "0.2",
                     "--out", str(tmp_path / "run"), *SMALL])
     assert results["failures"] == []
@@ -122,6 +122,8 @@ def test_renamed_and_restructured_checkpoints_run_compress_and_reload(family, tm
         assert expert_ranks and all(rank is not None for rank in expert_ranks)
         assert results["manifest"]["model"]["experts"]["expert_matrices"] == len(expert_ranks)
         report = (tmp_path / "run" / "report.md").read_text()
+        quantizer = next(c for c in results["compressions"].values() if c["method"] != "svdllm_w")
+        assert quantizer["facts"]["refine"]["linears_quantized"] == len(layers)  # every expert quantized too
         assert f"{len(expert_ranks)} expert matrices" in report
     if family == "gpt2":
         assert results["manifest"]["model"]["conv1d_as_linear"] == 8 and "transformer.h.0.attn.c_attn" in layers

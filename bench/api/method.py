@@ -41,6 +41,7 @@ from torch import nn
 from bench.api.configs import build_config, config_dict
 from bench.api.lowrank import Factorization, rank_for_ratio
 from bench.api.statistic import CalibrationStats
+from bench.api.versions import code_version, source_version
 from bench.model.targets import Target
 
 
@@ -121,6 +122,8 @@ class Method:
     # The host may run ``decompose`` on several targets at once in worker threads (on the CPU): it must read
     # only its arguments and change nothing shared. A method that cannot promise this sets False.
     concurrent_decompose: ClassVar[bool] = True
+    # Part of every factor-store and resume key; None: derived from the plugin's source (bench.api.versions).
+    version: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.config_class()
@@ -174,6 +177,16 @@ class Method:
     def decompose(self, target: Target, weight: torch.Tensor, context: Context, config: Any) -> Factorization:
         """Factorize one matrix (ratio-independent); may run beside other targets' (``concurrent_decompose``)."""
         raise NotImplementedError
+
+    def code_version(self) -> str:
+        """The version of this method's code (resume keys): ``version``, else derived from its source files."""
+        return code_version(self)
+
+    def decomposition_version(self) -> str:
+        """The version of the code that computes the factorizations (factor-store keys): ``version``, else
+        derived from the source of the class that defines ``decompose``."""
+        owner = next(c for c in type(self).__mro__ if "decompose" in vars(c))
+        return str(self.version) if self.version is not None else source_version(owner)
 
     def decomposition_key(self, config: Any) -> str:
         """What ``decompose`` computes: equal keys mean identical factorizations, shared within a run.

@@ -12,6 +12,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from bench.api.versions import code_version
+
 # What a metric measures; reports pick tables and tolerances by it.
 METRIC_KINDS = ("perplexity", "accuracy", "throughput", "memory", "other")
 
@@ -70,6 +72,12 @@ class Task:
     description: ClassVar[str] = ""
     metrics: ClassVar[dict[str, Metric]] = {}
     average: ClassVar[tuple[str, str, tuple[str, ...]] | None] = None
+    # Part of every resume key; None: derived from the plugin's source (bench.api.versions).
+    version: ClassVar[str | None] = None
+
+    def code_version(self) -> str:
+        """The version of this task's code: ``version``, else derived from its source files."""
+        return code_version(self)
 
     def settings_key(self, settings: EvalSettings) -> dict:
         """The settings that change this task's result (part of a record's resume key)."""

@@ -237,6 +237,7 @@ class Workspace:
         """What a decomposition depends on: the store key of ``method``'s factorizations."""
         calibrated = method.uses_calibration()
         return {"model": self.loaded.identity, "decomposition": method.decomposition_key(method.config),
+                "code": method.decomposition_version(),
                 "statistics": {name: self.registry.get("statistic", name).version
                                for name in method.required_statistics()},
                 "calibration": config_dict(self.config.calibration) if calibrated else None,

@@ -127,12 +127,14 @@ def run_methods(config: RunConfig, registry: Registry) -> list[str]:
 def cell_key(config: RunConfig, registry: Registry, model_identity: str, method: Method | None, task: str,
              ratio: float = 0.0, budget_in_bytes: int | None = None) -> str:
     """The resume key of one cell (``method`` None: the dense model); a budget cell is keyed by its budget."""
-    settings = registry.get("task", task).settings_key(eval_settings(config))
+    evaluation = registry.get("task", task)
+    settings = evaluation.settings_key(eval_settings(config))
     calibrated = method is not None and method.uses_calibration()
     where = {"ratio": ratio} if budget_in_bytes is None else {"budget": budget_in_bytes}
     return record_key(model=model_identity, method=method.name if method else DENSE,
                       config=method.settings() if method else {}, **where, task=task, settings=settings,
-                      dtype=config.dtype, calibration=config_dict(config.calibration) if calibrated else None)
+                      dtype=config.dtype, calibration=config_dict(config.calibration) if calibrated else None,
+                      code={"method": method.code_version() if method else None, "task": evaluation.code_version()})
 
 
 def validate(config: RunConfig, registry: Registry) -> None:
