@@ -137,24 +137,20 @@ def difference(a: Evidence | list[Evidence], b: Evidence | list[Evidence], relat
     return Difference(value, low, high, paired, min(min(p.items for p in a), min(p.items for p in b)))
 
 
-def median_iqr(values) -> tuple[float, float, float]:
-    """(median, first quartile, third quartile) of repeated measurements."""
-    q1, med, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
-    return float(med), float(q1), float(q3)
-
-
-def ratio_interval(numerator_seconds, denominator_seconds) -> tuple[float, float, float] | None:
-    """A speed-up and its 95% interval from repeats measured in rounds (round ``i`` of each side together).
+def ratio_interval(numerator_seconds, denominator_seconds, paired: bool = True) -> tuple[float, float, float] | None:
+    """A speed-up and its 95% interval from repeated timings.
 
     Speed-up = median(denominator seconds) / median(numerator seconds) (the
-    same tokens, so tokens/s over tokens/s); the rounds are resampled jointly,
-    pairing repeat ``i`` of one model with repeat ``i`` of the other.
+    same tokens, so tokens/s over tokens/s). ``paired``: the repeats were
+    taken in rounds (round ``i`` of both sides together), so the rounds are
+    resampled jointly; otherwise each side on its own.
     """
     fast, slow = np.asarray(numerator_seconds, float), np.asarray(denominator_seconds, float)
-    if len(fast) != len(slow) or not len(fast) or (fast <= 0).any():
+    paired = paired and len(fast) == len(slow)
+    if not len(fast) or not len(slow) or (fast <= 0).any() or (slow <= 0).any():
         return None
-    rows = _rows(len(fast), 0)
-    samples = np.median(slow[rows], axis=1) / np.median(fast[rows], axis=1)
+    samples = (np.median(slow[_rows(len(slow), 0)], axis=1)
+               / np.median(fast[_rows(len(fast), 0 if paired else 1)], axis=1))
     low, high = _bounds(samples)
     return float(np.median(slow) / np.median(fast)), low, high
 
