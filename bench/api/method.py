@@ -121,9 +121,18 @@ class Method:
     # The host may run ``decompose`` on several targets at once in worker threads (on the CPU): it must read
     # only its arguments and change nothing shared. A method that cannot promise this sets False.
     concurrent_decompose: ClassVar[bool] = True
+    # Optional packages the method imports, each with the command that installs it: ``--methods all`` leaves
+    # the method out while one is missing (and says so), naming the method explicitly is then an error.
+    packages: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.config_class()
+
+    def missing_packages(self) -> dict[str, str]:
+        """The optional packages of ``packages`` that are not installed, with their install commands."""
+        import importlib.util
+
+        return {name: command for name, command in self.packages.items() if importlib.util.find_spec(name) is None}
 
     # ------------------------------------------------------------------ per run
     def make_config(self, options: Mapping[str, Any] | None = None) -> Any:
