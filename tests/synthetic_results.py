@@ -163,7 +163,7 @@ def synthetic_results(methods=("svd", "asvd", "svdllm_w", "svdllm_u", "svdllm"),
         tasks.append("throughput")
         for method, ratio in rows:
             for batch in (1, 4):
-                point = {"batch_size": batch, "prompt_len": 128, "decode_len": 32}
+                point = {"batch_size": batch, "prompt_len": 128, "decode_len": 32, "path": "eager"}
                 speed = 1 + ratio * (0.5 + 0.25 * batch) * (1 - 0.05 * len(method)) if method != "dense" else 1.0
                 for metric, base, tokens in (("prefill_tok_s", 400.0 * batch, batch * 128),
                                              ("decode_tok_s", 20.0 * batch, batch * 32)):
