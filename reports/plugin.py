@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from bench import Command, UsageError, hookimpl, load_results
+from reports import stats
 from reports.regression import (
     check,
     compare,
@@ -21,7 +22,6 @@ from reports.regression import (
     parse_overrides,
     run_differences,
 )
-from reports import stats
 from reports.report import write_report as write_run_report
 
 EXIT_FAILURES = 1

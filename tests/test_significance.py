@@ -12,7 +12,6 @@ import pytest
 from synthetic_results import WINDOW_TOKENS, synthetic_results
 
 from bench import Method, factorize, hookimpl
-from bench.api.task import EvalSettings
 from bench.cli import main
 from bench.engine.config import RunConfig
 from bench.engine.executor import run
