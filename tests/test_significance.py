@@ -285,3 +285,20 @@ def test_the_built_in_methods_declare_their_optional_packages(registry):
     assert "hqq" in registry.get("method", "hqq").packages and "hqq" in registry.get("method", "svdllm_quant").packages
     assert "peft" in registry.get("method", "svdllm").packages and "peft" in registry.get("method", "svdllm_u").packages
     assert not registry.get("method", "svd").packages
+
+
+def test_methods_all_runs_without_the_gptq_extra_and_names_it(monkeypatch, registry):
+    """`pip install svdbench[all]` has no GPTQModel: `--methods all` leaves gptq out (one line, the install
+    command) instead of failing before doing anything."""
+    import sys
+
+    for name in [n for n in sys.modules if n == "gptqmodel" or n.startswith("gptqmodel.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "gptqmodel", None)  # what an environment without the extra looks like
+    config = RunConfig(methods=("all",), tasks=("wikitext2",))
+    validate(config, registry)
+    assert "gptq" not in run_methods(config, registry) and "svdllm_quant" in run_methods(config, registry)
+    assert left_out_line(config, registry) == ("--methods all leaves out gptq (not installed: gptqmodel); to run it "
+                                               "too: pip install 'svdbench[gptq]'")
+    with pytest.raises(UsageError, match=r"gptq needs the gptqmodel package.*pip install 'svdbench\[gptq\]'"):
+        validate(RunConfig(methods=("gptq",), tasks=("wikitext2",)), registry)
