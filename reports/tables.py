@@ -290,10 +290,12 @@ def main_table(data: dict, df: pd.DataFrame) -> Table | None:
             direction = hib[c] if c in hib else True  # averages are of accuracies
             found = significance_marks([(k, c) for k in at_ratio], values, parts, direction)
             marks.update(found)
-    rows, display = [], []
+    rows, display, csv_rows = [], [], []
     for key in keys:
         head = [key[0], key[1], *_size_cells(sizes, key)]
         rows.append(head + [values[(key, c)] for c in columns])
+        bounds = [stats.interval(parts[(key, c)]) if parts[(key, c)] else (None, None) for c in columns]
+        csv_rows.append(rows[-1] + [bound for pair in bounds for bound in pair])
         cells = []
         for c in columns:
             value = values[(key, c)]
@@ -305,13 +307,16 @@ def main_table(data: dict, df: pd.DataFrame) -> Table | None:
              "examples correct (0-1), zero-shot.",
              "**Bold**: the best value at its ratio; *italic*: not significantly different from it (paired "
              f"bootstrap over the same windows/examples, 95%, {stats.RESAMPLES} resamples, seed {stats.SEED}); "
-             "unmarked: significantly worse (or no per-window/example data to test). Averages: [95% interval]."]
+             "unmarked: significantly worse (or no per-window/example data to test). Averages: [95% interval]; table1.csv "
+             "has every value's interval."]
     for label, metric, present, total in averages:
         notes.append(f"{label[:-2]}: plain mean of `{metric}` over {', '.join(present)}"
                      + ("" if len(present) == total else
                         f" ({len(present)} of the {total} tasks the average is defined over); not directly "
                         "comparable with the full average") + ".")
-    return Table("table1", "Results (methods x ratios, SVD-LLM Table-1 layout)", header, rows, notes, display=display)
+    csv_header = header + [f"{name} 95% {end}" for name in header[4:] for end in ("low", "high")]
+    return Table("table1", "Results (methods x ratios, SVD-LLM Table-1 layout)", header, rows, notes, display=display,
+                 csv_header=csv_header, csv_rows=csv_rows)
 
 
 def zeroshot_table(data: dict, df: pd.DataFrame) -> Table | None:

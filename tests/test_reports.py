@@ -65,6 +65,9 @@ def test_table1_values_units_and_average(tmp_path):
     rows = _csv_rows(tmp_path / "table1.csv")
     svd = next(r for r in rows if r["method"] == "svd" and float(r["ratio"]) == 0.2)
     assert float(svd["wikitext2 perplexity ↓"]) == pytest.approx(perplexity("svd", 0.2))
+    # every value's 95% interval (from its windows) beside it in the CSV
+    low, high = float(svd["wikitext2 perplexity ↓ 95% low"]), float(svd["wikitext2 perplexity ↓ 95% high"])
+    assert low < perplexity("svd", 0.2) < high
 
 
 def test_partial_average_is_labelled():
