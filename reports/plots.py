@@ -7,7 +7,7 @@
 - ``perplexity_vs_bytes.png``: perplexity against model MiB for every
   compressed model (fixed ratios, budgets, quantized), with the Pareto front;
 - ``throughput_speedup.png``: compressed / dense tokens per second against
-  the ratio, a panel per throughput metric.
+  the ratio, a panel per throughput metric, each speed-up with its 95% interval.
 
 A plot is written only when the records support it. Non-finite values are
 left out of a plot (the tables show them) and counted in its title.
@@ -23,7 +23,7 @@ import pandas as pd
 from bench import DENSE
 from reports.published import table1_curves
 from reports.records import dtype_bits, finite, frame, label_rank, task_order
-from reports.tables import main_table, quality
+from reports.tables import main_table, quality, speedup
 
 MARKERS = "osD^v<>pP*Xh"
 BUDGET = " (budget)"
@@ -250,6 +250,8 @@ def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Pa
     metrics = sorted(set(records["metric"]))
     dense = {(m, p): v for m, p, v, meth in zip(records["metric"], records["point"], records["value"],
                                                  records["method"]) if meth == DENSE}
+    dense_extras = {(m, p): e for m, p, e, meth in zip(records["metric"], records["point"], records["extra"],
+                                                       records["method"]) if meth == DENSE}
     if not metrics or not dense or (records["method"] == DENSE).all():
         return None
     grids = sorted(set(records["point"]))
@@ -266,6 +268,12 @@ def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Pa
             for label, points in _curves(chosen, chosen["value"] / base).items():
                 ax.plot(*zip(*points), label=label if g == 0 else None, linestyle=linestyles[g % len(linestyles)],
                         **styles[label])
+            dense_extra = dense_extras.get((metric, grid)) or {}
+            for label, method, ratio, extra in zip(chosen["label"], chosen["method"], chosen["ratio"], chosen["extra"]):
+                found = speedup(extra, dense_extra) if method != DENSE else None
+                if found and all(finite(v) for v in found):  # the speed-up's 95% interval
+                    ax.errorbar([ratio], [found[0]], yerr=[[found[0] - found[1]], [found[2] - found[0]]], fmt="none",
+                                ecolor=styles[label].get("color", "grey"), capsize=3, alpha=0.6, linewidth=1)
             if len(grids) > 1:  # one legend entry per grid point, by line style
                 ax.plot([], [], color="grey", linestyle=linestyles[g % len(linestyles)], label=grid)
         ax.axhline(1.0, color="black", linestyle=(0, (1, 1)), linewidth=1, label="dense (1x)")
