@@ -231,6 +231,26 @@ def test_models_of_one_architecture_share_one_measurement(tiny, tmp_path):
     assert up.count("[") == 1 and "IQR" in row[table.header.index("decode_tok_s ↑")]
 
 
+def test_held_models_share_the_dense_models_equal_tensors():
+    import copy as copying
+
+    import torch
+    from conftest import tiny_model
+
+    from bench.engine.shared import held_bytes, share_equal_tensors
+
+    dense = tiny_model("llama", vocab_size=128)
+    compressed = copying.deepcopy(dense)
+    with torch.no_grad():
+        compressed.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # what compression changed
+    alone = held_bytes([dense, compressed])
+    saved = share_equal_tensors(compressed, dense)
+    assert compressed.model.embed_tokens.weight is dense.model.embed_tokens.weight
+    assert compressed.model.layers[0].mlp.down_proj.weight is not dense.model.layers[0].mlp.down_proj.weight
+    assert saved > 0 and held_bytes([dense, compressed]) == alone - saved
+    assert held_bytes([dense, compressed]) - held_bytes([dense]) == compressed.model.layers[0].mlp.down_proj.weight.nbytes
+
+
 def test_the_signature_follows_shapes_types_and_dtypes_not_values():
     import torch
     from conftest import tiny_model

@@ -56,23 +56,37 @@ def architecture_signature(model: nn.Module, bits: int | None = None) -> str:
 
 
 def share_equal_tensors(model: nn.Module, reference: nn.Module) -> int:
-    """Point ``model``'s parameters at ``reference``'s of the same name where they are equal; the bytes saved.
+    """Point ``model``'s parameters and buffers at ``reference``'s of the same name where they are equal; the bytes
+    saved.
 
     Only for held models: values stay as they were, only the copies go.
     """
-    wanted = dict(reference.named_parameters(remove_duplicate=False))
     saved, seen = 0, set()
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for key, tensor in list(module._parameters.items()):
-            ref = wanted.get(f"{prefix}.{key}" if prefix else key)
-            if tensor is None or ref is None or ref is tensor or ref.shape != tensor.shape or ref.dtype != tensor.dtype \
-                    or ref.device != tensor.device or not torch.equal(ref.detach(), tensor.detach()):
-                continue
-            module._parameters[key] = ref
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                saved += tensor.numel() * tensor.element_size()
+    for kind, wanted in (("_parameters", dict(reference.named_parameters(remove_duplicate=False))),
+                         ("_buffers", dict(reference.named_buffers(remove_duplicate=False)))):
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            tensors = getattr(module, kind)
+            for key, tensor in list(tensors.items()):
+                ref = wanted.get(f"{prefix}.{key}" if prefix else key)
+                if tensor is None or ref is None or ref is tensor or ref.shape != tensor.shape \
+                        or ref.dtype != tensor.dtype or ref.device != tensor.device \
+                        or not torch.equal(ref.detach(), tensor.detach()):
+                    continue
+                tensors[key] = ref
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    saved += tensor.numel() * tensor.element_size()
     return saved
+
+
+def held_bytes(models: list[nn.Module]) -> int:
+    """Bytes of the distinct tensors of ``models`` (a tensor shared by several counts once)."""
+    seen: dict[tuple, int] = {}
+    for model in models:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type != "meta":
+                seen[(tensor.device.type, tensor.data_ptr())] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
 
 
 @dataclass
@@ -118,6 +132,10 @@ class SharedMeasurements:
     def flush(self, tokenizer, settings) -> None:
         """Measure every held model, task by task, and emit each member's records; then let the models go."""
         entries_by_task, self._entries, self.reference = self._entries, {}, None
+        if entries_by_task:
+            log.info("measuring %d held models (%.0f MiB of tensors in memory)",
+                     len({id(e.model) for entries in entries_by_task.values() for e in entries.values()}),
+                     held_bytes([e.model for entries in entries_by_task.values() for e in entries.values()]) / 2**20)
         for name, entries in entries_by_task.items():
             task, held = self._tasks[name], list(entries.values())
             start = time.perf_counter()
