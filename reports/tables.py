@@ -361,14 +361,23 @@ def ablation_table(data: dict, df: pd.DataFrame) -> Table | None:
     cols = sorted(set(records[["task", "ratio"]].itertuples(index=False, name=None)),
                   key=lambda tr: (order.index(tr[0]) if tr[0] in order else len(order), tr[1]))
     values = wide(records, "method", ["task", "ratio"])
+    extras = wide(records, "method", ["task", "ratio"], "extra")
     parts = list(dict.fromkeys(part for m in present for part in components[m]))
     header = ["method", *parts] + [f"{t} ppl ↓ @ {ratio:.0%}" for t, ratio in cols]
     rows = [[m, *[components[m].get(p, "-") for p in parts], *[_cell(values, m, c) for c in cols]] for m in present]
+    marks: dict = {}
+    for c in cols:  # per column: the best perplexity and what is not significantly different from it
+        found = {(m, c): stats.evidence({"extra": _cell(extras, m, c) or {}}) for m in present}
+        marks.update(significance_marks([(m, c) for m in present], {(m, c): _cell(values, m, c) for m in present},
+                                        {k: [v] if v is not None else None for k, v in found.items()}, False))
+    display = [[*row[:1 + len(parts)], *[_marked(fmt(v), marks.get((row[0], c))) for v, c in
+                                          zip(row[1 + len(parts):], cols)]] for row in rows]
     notes = [settings_note(data.get("manifest", {})),
              "transform: the right transform S applied before the SVD (whitening = Cholesky of the calibration gram); "
-             "update: the sequential LoRA update of the factors. Perplexity is unitless."]
+             "update: the sequential LoRA update of the factors. Perplexity is unitless. **Bold**: the best of a "
+             "column; *italic*: not significantly different from it (paired bootstrap, 95%)."]
     return Table("ablation", "Ablation (SVD-LLM Table 4): truncation-aware whitening and parameter update",
-                 header, rows, notes, percent=())
+                 header, rows, notes, percent=(), display=display)
 
 
 def budget_table(data: dict, df: pd.DataFrame) -> Table | None:
@@ -385,10 +394,21 @@ def budget_table(data: dict, df: pd.DataFrame) -> Table | None:
     header = ["budget", "method", "ratio", "params (M)", "MiB"] + [_column_name(t, m, hib[(t, m)]) for t, m in cols]
     rows = [[format_budget(k[0]), k[1], k[2], *_size_cells(sizes, k), *[_cell(pivot, k, c) for c in cols]]
             for k in keys]
+    evidence = _evidence_of(records, ["budget", "label", "ratio"])
+    marks: dict = {}
+    for budget in dict.fromkeys(k[0] for k in keys):  # methods at one budget are compared at equal memory
+        at_budget = [k for k in keys if k[0] == budget]
+        for c in cols:
+            found = {(k, c): evidence.get((*k, c)) for k in at_budget}
+            marks.update(significance_marks([(k, c) for k in at_budget], {(k, c): _cell(pivot, k, c) for k in at_budget},
+                                            {key: [v] if v is not None else None for key, v in found.items()}, hib[c]))
+    display = [[*row[:5], *[_marked(fmt(v), marks.get((k, c))) for v, c in zip(row[5:], cols)]]
+               for k, row in zip(keys, rows)]
     notes = [settings_note(data.get("manifest", {})),
              "Each method takes the smallest ratio whose compressed model fits the budget (bytes as held in memory, "
-             "whole model); ratio is the one it needed. Methods in one budget group are compared at equal memory."]
-    return Table("budget", "Equal memory budget (SVD-LLM Table 7)", header, rows, notes)
+             "whole model); ratio is the one it needed. Methods in one budget group are compared at equal memory: "
+             "**bold** the best of the group, *italic* not significantly different from it (paired bootstrap, 95%)."]
+    return Table("budget", "Equal memory budget (SVD-LLM Table 7)", header, rows, notes, display=display)
 
 
 def quantization_table(data: dict, df: pd.DataFrame) -> Table | None:
