@@ -22,7 +22,7 @@ from bench.errors import UsageError
 from reports import stats
 from reports.records import frame
 from reports.regression import check, make_baseline
-from reports.tables import interval_lines, main_table, throughput_table
+from reports.tables import ablation_table, interval_lines, main_table, throughput_table
 from tasks.throughput import Grid, Throughput, measure_many
 
 
@@ -110,6 +110,9 @@ def test_the_headline_table_marks_the_best_and_what_is_not_distinguishable():
     assert "*" not in _display(table, "svd", 0.2, column)  # 20x worse on every window
     assert "*" not in _display(table, "dense", 0.0, column)  # alone at its ratio: nothing to rank
     assert all(isinstance(row[4], float) for row in table.rows)  # raw values stay numbers for the CSV
+    ablation = ablation_table(data, frame(data))  # the same marks, per column
+    cells = {row[0]: row[ablation.header.index("wikitext2 ppl ↓ @ 20%")] for row in ablation.display}
+    assert cells["svdllm"].startswith("**") and cells["svdllm_w"].startswith("*") and "*" not in cells["svd"]
 
 
 def test_averages_carry_intervals_and_too_few_examples_are_flagged():
