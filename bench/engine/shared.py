@@ -68,7 +68,8 @@ def share_equal_tensors(model: nn.Module, reference: nn.Module) -> int:
             tensors = getattr(module, kind)
             for key, tensor in list(tensors.items()):
                 ref = wanted.get(f"{prefix}.{key}" if prefix else key)
-                if tensor is None or ref is None or ref is tensor or ref.shape != tensor.shape \
+                if tensor is None or ref is None or ref is tensor or tensor.device.type == "meta" \
+                        or ref.shape != tensor.shape \
                         or ref.dtype != tensor.dtype or ref.device != tensor.device \
                         or not torch.equal(ref.detach(), tensor.detach()):
                     continue
