@@ -197,8 +197,12 @@ GPTQ_DEVIATIONS = (
 )
 
 
+HQQ_INSTALL = "pip install 'svdbench[quant]'"
+
+
 class SVDQuantHybrid(Method):
     name = "svdllm_quant"
+    packages = {"hqq": HQQ_INSTALL}
     description = "base SVD method (default svdllm_w) at ratio rho, then both factors quantized with HQQ or GPTQ"
     config_class = HybridConfig
     notes = PaperNotes(
@@ -286,6 +290,7 @@ class DenseQuantization(Method):
 
 class DenseHQQ(DenseQuantization):
     name = "hqq"
+    packages = {"hqq": HQQ_INSTALL}
     quantizer = "hqq"
     description = "baseline: HQQ quantization of the dense model's target linears (the ratio is ignored)"
     config_class = QuantConfig
@@ -300,6 +305,7 @@ class DenseHQQ(DenseQuantization):
 
 class DenseGPTQ(DenseQuantization):
     name = "gptq"
+    packages = {"gptqmodel": GPTQ_INSTALL}
     quantizer = "gptq"
     description = "baseline: GPTQ quantization of the dense model's target linears (the ratio is ignored)"
     config_class = GPTQConfig

@@ -232,6 +232,7 @@ class WithUpdate:
     """
 
     config_class = UpdateConfig
+    packages = {"peft": "pip install 'svdbench[update]'"}
 
     def decomposition_key(self, config: UpdateConfig) -> str:
         # the update only refines: the base's decomposition, which has no settings

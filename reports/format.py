@@ -54,12 +54,13 @@ class Table:
     percent: tuple[str, ...] = ("ratio",)
     csv_header: list[str] | None = None  # when the CSV keeps more (or more exact) columns than the Markdown
     csv_rows: list[list] | None = None
+    display: list[list] | None = None  # Markdown cells where they say more than the raw value (marks, intervals)
 
     def display_rows(self) -> list[list]:
         cols = [i for i, h in enumerate(self.header) if h in self.percent]
         return [[percent(c) if i in cols and isinstance(c, (int, float)) and not isinstance(c, bool) else c
                  for i, c in enumerate(row)]
-                for row in self.rows]
+                for row in (self.display if self.display is not None else self.rows)]
 
     def markdown(self) -> str:
         parts = [f"## {self.title}", "", markdown_table(self.header, self.display_rows())]

@@ -7,7 +7,7 @@
 - ``perplexity_vs_bytes.png``: perplexity against model MiB for every
   compressed model (fixed ratios, budgets, quantized), with the Pareto front;
 - ``throughput_speedup.png``: compressed / dense tokens per second against
-  the ratio, a panel per throughput metric.
+  the ratio, a panel per throughput metric, each speed-up with its 95% interval.
 
 A plot is written only when the records support it. Non-finite values are
 left out of a plot (the tables show them) and counted in its title.
@@ -23,7 +23,7 @@ import pandas as pd
 from bench import DENSE
 from reports.published import table1_curves
 from reports.records import dtype_bits, finite, frame, label_rank, task_order
-from reports.tables import main_table, quality
+from reports.tables import main_table, quality, speedup
 
 MARKERS = "osD^v<>pP*Xh"
 BUDGET = " (budget)"
@@ -101,6 +101,21 @@ def _figure_legend(fig, axes, fontsize: int = 8) -> None:
     fig.legend(list(handles.values()), list(handles), fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.0, 0.92))
 
 
+def _wrapped(text: str, inches: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``inches`` at ``fontsize`` (about 0.55 em per character)."""
+    import textwrap
+
+    return textwrap.fill(text, max(20, int(inches * 72 / (0.55 * fontsize))))
+
+
+def _titles(fig, axes, titles: list[str], suptitle: str, fontsize: float = 9) -> None:
+    """Panel titles and the figure title, each wrapped to its width, so that none runs into another."""
+    width = fig.get_figwidth()
+    for ax, title in zip(axes, titles):
+        ax.set_title(_wrapped(title, width / len(axes) * 0.8, fontsize), fontsize=fontsize)
+    fig.suptitle(_wrapped(suptitle, width * 0.95, fontsize + 1), fontsize=fontsize + 1)
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -119,8 +134,9 @@ def perplexity_vs_ratio(data: dict, path: Path, with_published: bool = False,
     plt = _pyplot()
     published = table1_curves() if with_published else None
     panels = len(tasks) + (1 if published else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False, layout="constrained")
     styles = styles or all_styles(data, with_published)
+    titles = []
     for ax, task in zip(axes[0], tasks):
         task_records = records[records["task"] == task]
         skipped = sum(not finite(v) for v in task_records["value"])
@@ -130,7 +146,7 @@ def perplexity_vs_ratio(data: dict, path: Path, with_published: bool = False,
             if finite(value):
                 ax.axhline(value, color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_yscale("log")
-        ax.set_title(f"{task} (measured)" + (f", {skipped} non-finite omitted" if skipped else ""))
+        titles.append(f"{task} (measured)" + (f", {skipped} non-finite omitted" if skipped else ""))
         ax.set_xlabel("ratio (fraction of parameters removed)")
         ax.set_ylabel("perplexity (log scale, lower is better)")
         _percent_axis(ax, list(task_records.loc[task_records["method"] != DENSE, "ratio"]))
@@ -143,13 +159,13 @@ def perplexity_vs_ratio(data: dict, path: Path, with_published: bool = False,
             else:
                 ax.plot(*zip(*points), label=method, linestyle=":", **styles[method])
         ax.set_yscale("log")
-        ax.set_title("wikitext2 (published, LLaMA-7B, SVD-LLM Table 1)")
+        titles.append("wikitext2 (published, LLaMA-7B, SVD-LLM Table 1)")
         ax.set_xlabel("ratio (fraction of parameters removed)")
         ax.set_ylabel("perplexity (log scale, lower is better)")
         _percent_axis(ax, [r for m, points in published.items() if m != DENSE for r, _ in points])
         ax.grid(True, which="both", alpha=0.3)
     _figure_legend(fig, axes[0])
-    fig.suptitle(f"Perplexity vs compression ratio - {_subtitle(data)}", fontsize=10)
+    _titles(fig, axes[0], titles, f"Perplexity vs compression ratio - {_subtitle(data)}")
     return _save(fig, path)
 
 
@@ -171,7 +187,7 @@ def accuracy_vs_ratio(data: dict, path: Path, styles: dict | None = None) -> Pat
     if not curves:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    fig, ax = plt.subplots(figsize=(6.2, 4.4), layout="constrained")
     styles = styles or all_styles(data)
     rank = label_rank(data)
     for label, points in sorted(curves.items(), key=lambda kv: rank(kv[0])):
@@ -181,7 +197,7 @@ def accuracy_vs_ratio(data: dict, path: Path, styles: dict | None = None) -> Pat
     name = table.header[-1][:-2]
     ax.set_xlabel("ratio (fraction of parameters removed)")
     ax.set_ylabel(f"{name} (higher is better)")
-    ax.set_title(f"{name} vs ratio\n{_subtitle(data)}", fontsize=9)
+    ax.set_title(f"{name} vs ratio\n{_wrapped(_subtitle(data), 6.2 * 0.8, 9)}", fontsize=9)
     _percent_axis(ax, [r for points in curves.values() for r, _ in points])
     ax.grid(True, alpha=0.3)
     _figure_legend(fig, [ax])
@@ -205,7 +221,7 @@ def perplexity_vs_bytes(data: dict, path: Path, styles: dict | None = None) -> P
     if not tasks or records["bytes"].nunique() < 2:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.4), squeeze=False, layout="constrained")
     records["plot_label"] = [label + (BUDGET if budget is not None and budget == budget else "")
                              for label, budget in zip(records["label"], records["budget"])]
     styles = styles or all_styles(data)
@@ -221,11 +237,10 @@ def perplexity_vs_bytes(data: dict, path: Path, styles: dict | None = None) -> P
         ax.set_yscale("log")
         ax.set_xlabel("model size (MiB, whole model)")
         ax.set_ylabel("perplexity (log scale, lower is better)")
-        ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
     _figure_legend(fig, axes[0])
-    fig.suptitle(f"Perplexity vs memory (down-left is better) - {_subtitle(data)}; "
-                 f"unquantized weights in {dtype_bits(data)}-bit", fontsize=9)
+    _titles(fig, axes[0], tasks, f"Perplexity vs memory (down-left is better) - {_subtitle(data)}; "
+            f"unquantized weights in {dtype_bits(data)}-bit")
     return _save(fig, path)
 
 
@@ -235,11 +250,13 @@ def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Pa
     metrics = sorted(set(records["metric"]))
     dense = {(m, p): v for m, p, v, meth in zip(records["metric"], records["point"], records["value"],
                                                  records["method"]) if meth == DENSE}
+    dense_extras = {(m, p): e for m, p, e, meth in zip(records["metric"], records["point"], records["extra"],
+                                                       records["method"]) if meth == DENSE}
     if not metrics or not dense or (records["method"] == DENSE).all():
         return None
     grids = sorted(set(records["point"]))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.4 * len(metrics), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.4 * len(metrics), 4.4), squeeze=False, layout="constrained")
     styles = styles or all_styles(data)
     linestyles = ["-", "--", ":", "-."]
     for ax, metric in zip(axes[0], metrics):
@@ -251,16 +268,22 @@ def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Pa
             for label, points in _curves(chosen, chosen["value"] / base).items():
                 ax.plot(*zip(*points), label=label if g == 0 else None, linestyle=linestyles[g % len(linestyles)],
                         **styles[label])
+            dense_extra = dense_extras.get((metric, grid)) or {}
+            for label, method, ratio, extra in zip(chosen["label"], chosen["method"], chosen["ratio"], chosen["extra"]):
+                found = speedup(extra, dense_extra) if method != DENSE else None
+                if found and all(finite(v) for v in found):  # the speed-up's 95% interval
+                    ax.errorbar([ratio], [found[0]], yerr=[[found[0] - found[1]], [found[2] - found[0]]], fmt="none",
+                                ecolor=styles[label].get("color", "grey"), capsize=3, alpha=0.6, linewidth=1)
             if len(grids) > 1:  # one legend entry per grid point, by line style
                 ax.plot([], [], color="grey", linestyle=linestyles[g % len(linestyles)], label=grid)
         ax.axhline(1.0, color="black", linestyle=(0, (1, 1)), linewidth=1, label="dense (1x)")
         ax.set_xlabel("ratio (fraction of parameters removed)")
         ax.set_ylabel("speed-up over dense (higher is better)")
-        ax.set_title(metric + (f" [{grids[0]}]" if len(grids) == 1 and grids[0] else ""), fontsize=9)
         _percent_axis(ax, list(records.loc[records["method"] != DENSE, "ratio"]))
         ax.grid(True, alpha=0.3)
     _figure_legend(fig, axes[0], fontsize=7)
-    fig.suptitle(f"Throughput speed-up vs ratio - {_subtitle(data)}", fontsize=9)
+    grid = f" [{grids[0]}]" if len(grids) == 1 and grids[0] else ""  # one grid point: named once, not per panel
+    _titles(fig, axes[0], metrics, f"Throughput speed-up vs ratio{grid} - {_subtitle(data)}")
     return _save(fig, path)
 
 

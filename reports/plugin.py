@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from bench import Command, UsageError, hookimpl, load_results
+from reports import stats
 from reports.regression import (
     check,
     compare,
@@ -54,8 +55,12 @@ class CompareCommand(Command):
         print(format_rows(flagged if args.flagged else rows, "A", "B"))
         counts = {status: sum(row.status == status for row in rows)
                   for status in ("better", "worse", "changed", "non-finite")}
+        noise = sum(row.status == "noise" for row in rows)
         print(f"\nA = {args.dir_a}, B = {args.dir_b}; diff = B - A, rel = diff / |A|; {len(rows)} shared rows, "
-              + ", ".join(f"{n} {status}" for status, n in counts.items()) + " beyond tolerance")
+              + ", ".join(f"{n} {status}" for status, n in counts.items()) + " beyond tolerance and noise"
+              + f", {noise} beyond tolerance but not significant (status noise)")
+        print(f"95% interval of diff: {stats.method_text()} (unpaired: the runs evaluated different windows/examples, "
+              "each resampled on its own); significant: the interval excludes 0; '-': a row without per-item data")
         diffs = run_differences(data_a, data_b)
         if diffs:
             print("settings differ between the runs, so not every difference is the methods':\n"
@@ -79,12 +84,16 @@ class CheckCommand(Command):
             raise UsageError(f"cannot read baseline {args.baseline} ({error}); regenerate it with `svdbench baseline`") from None
         result = check(load_results(args.dir), baseline, args.tolerance, parse_overrides(args.metric_tolerance))
         if result.ok:
-            print(f"check passed: {len(result.rows)} rows of {args.baseline} within tolerance")
+            noise = sum(row.status == "noise" for row in result.rows)
+            judged = sum(row.noise is not None for row in result.rows)
+            print(f"check passed: {len(result.rows)} rows of {args.baseline} within tolerance"
+                  + (f" or within the baseline's noise ({noise} beyond tolerance only)" if noise else "")
+                  + f"; {judged} of them judged with their 95% interval, the others by tolerance alone")
             return 0
         if result.config_diffs:
             print(f"check FAILED: the run's settings differ from the baseline's:\n{format_config_diffs(result.config_diffs)}")
         if result.failures:
-            print(f"check FAILED: {len(result.failures)} of {len(result.rows)} rows outside tolerance or missing "
+            print(f"check FAILED: {len(result.failures)} of {len(result.rows)} rows outside tolerance and noise, or missing "
                   f"(baseline = {args.baseline}, run = {args.dir}):\n")
             print(format_rows(result.failures, "baseline", "run"))
         print("\nIf the change is intended, regenerate the baseline with `svdbench baseline`.")
@@ -111,8 +120,13 @@ class BaselineCommand(Command):
                                  "fix it before writing a baseline")
             run_dir = args.run_dir
         wall = round(time.perf_counter() - start, 1)
-        command = f"svdbench baseline --profile {args.profile} --out {args.out}"
-        baseline = make_baseline(load_results(run_dir), args.profile, command, wall if args.from_dir is None else None)
+        data = load_results(run_dir)
+        if args.from_dir is None:
+            command = f"svdbench baseline --profile {args.profile} --out {args.out}"
+        else:  # how the run itself was made, and its own wall time
+            command = f"{(data.get('manifest') or {}).get('svdbench_command')}; svdbench baseline --from {run_dir}"
+            wall = ((data.get("manifest") or {}).get("timings") or {}).get("total")
+        baseline = make_baseline(data, args.profile, command, wall)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(baseline, indent=1) + "\n")

@@ -3,7 +3,8 @@
 Every table, plot and regression row is built from :func:`frame`: one row per
 record of results.json, with the columns the :class:`bench.Record` schema
 defines (kind of metric, direction, bits, budget, grid point, variant) plus a
-few derived for display (``label``, ``stderr``, ``order``). Methods and
+few derived for display (``label``, ``stderr``, ``order``) and the record's
+``extra`` (the per-item numbers :mod:`reports.stats` resamples). Methods and
 tasks are ordered as the run listed them (the manifest's ``methods`` and
 ``tasks``), the dense model first and perplexity tasks before the others;
 nothing here knows a method or task by name.
@@ -18,7 +19,7 @@ import pandas as pd
 from bench import DENSE, format_point
 
 COLUMNS = ["key", "model", "method", "ratio", "task", "metric", "column", "value", "kind", "higher_is_better", "params",
-           "bytes", "bits", "budget", "variant", "point", "label", "stderr", "params_removed"]
+           "bytes", "bits", "budget", "variant", "point", "label", "stderr", "params_removed", "extra"]
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 QUALITY_KINDS = ("perplexity", "accuracy", "other")  # what a quality table shows (not speed or memory)
 
@@ -50,9 +51,10 @@ def frame(data: dict) -> pd.DataFrame:
             "point": point, "label": label_of(r["method"], bits),
             "stderr": (r.get("extra") or {}).get("stderr"),
             "params_removed": (r.get("accounting") or {}).get("params_removed"),
+            "extra": r.get("extra") or {},
         })
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for column in ("higher_is_better", "bits", "budget", "stderr"):  # integers and None stay as they are, not floats
+    for column in ("higher_is_better", "bits", "budget", "stderr", "extra"):  # integers and None stay as they are, not floats
         df[column] = pd.Series([row[column] for row in rows], dtype=object)
     return df.astype({"value": float})
 

@@ -7,8 +7,15 @@ metrics and absolute for accuracies (a fraction in 0-1): ``0.02`` means 2%
 of the perplexity or two accuracy points. ``overrides`` set a tolerance per
 metric (``perplexity=0.05``) or per task and metric (``wikitext2.perplexity=0.05``).
 
+Where both sides kept their per-window NLL sums or per-example correctness
+(:mod:`reports.stats`), every difference carries its 95% bootstrap interval
+(paired when both were measured on the same windows/examples), and a change
+beyond tolerance counts only when it is also beyond that noise - its interval
+excludes zero; otherwise its status is ``noise``. Rows without per-item data
+are judged by the tolerance alone.
+
 ``check`` is strict both ways: a row better than the baseline beyond
-tolerance fails too (the baseline is stale: regenerate it with
+tolerance and noise fails too (the baseline is stale: regenerate it with
 ``svdbench baseline``), and a baseline row the run lacks is a failure.
 """
 
@@ -19,8 +26,11 @@ import math
 from dataclasses import dataclass, field
 
 from bench import UsageError
+from reports import stats
 
-BASELINE_FORMAT = "svdbench-baseline/2"  # 2: rows carry their metric kind
+BASELINE_FORMAT = "svdbench-baseline/3"  # 2: rows carry their metric kind; 3: and their per-window/example data
+READABLE_FORMATS = ("svdbench-baseline/2", BASELINE_FORMAT)  # a /2 baseline is judged by tolerance alone
+SAMPLE_FIELDS = ("window_nll", "window_tokens", "correct")  # what stats.evidence reads from a record's extra
 DEFAULT_TOLERANCE = 0.02
 # Metric kinds whose values go into a baseline: timings and memory vary with the machine.
 BASELINE_KINDS = ("perplexity", "accuracy", "other")
@@ -43,7 +53,7 @@ def row_key(record: dict) -> RowKey:
 def comparable_rows(records: list[dict]) -> dict[RowKey, dict]:
     """Each row's value, direction and kind; a duplicated row keeps its last record."""
     return {row_key(r): {"value": r["value"], "higher_is_better": r.get("higher_is_better"),
-                         "kind": r.get("kind", "other")} for r in records}
+                         "kind": r.get("kind", "other"), "evidence": stats.evidence(r)} for r in records}
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, float]:
@@ -80,7 +90,8 @@ class Row:
     higher_is_better: bool | None
     tolerance: float
     mode: str
-    status: str = "ok"  # ok | better | worse | changed | missing | non-finite
+    status: str = "ok"  # ok | noise | better | worse | changed | missing | non-finite
+    noise: stats.Difference | None = None  # B - A with its 95% interval, where both kept per-item data
 
     @property
     def diff(self) -> float | None:
@@ -94,7 +105,7 @@ class Row:
 
     @property
     def flagged(self) -> bool:
-        return self.status != "ok"
+        return self.status not in ("ok", "noise")
 
 
 def judge(a: float, b: float, higher_is_better: bool | None, tolerance: float, mode: str) -> str:
@@ -126,7 +137,13 @@ def compare_rows(rows_a: dict[RowKey, dict], rows_b: dict[RowKey, dict], toleran
             continue
         b = rows_b[key]
         hib = a["higher_is_better"] if a["higher_is_better"] is not None else b["higher_is_better"]
-        out.append(Row(key, a["value"], b["value"], hib, tol, mode, judge(a["value"], b["value"], hib, tol, mode)))
+        status = judge(a["value"], b["value"], hib, tol, mode)
+        noise = None
+        if a.get("evidence") is not None and b.get("evidence") is not None and a["evidence"].kind == b["evidence"].kind:
+            noise = stats.difference(a["evidence"], b["evidence"])
+            if status in ("better", "worse", "changed") and not noise.significant:
+                status = "noise"  # beyond tolerance, but not beyond the windows'/examples' own noise
+        out.append(Row(key, a["value"], b["value"], hib, tol, mode, status, noise))
     return out
 
 
@@ -156,11 +173,17 @@ def make_baseline(data: dict, profile: str | None = None, command: str | None = 
     manifest = data.get("manifest", {})
     records = [{"model": r["model"], "method": r["method"], "variant": r.get("variant", ""), "ratio": _ratio(r),
                 "task": r["task"], "metric": r["metric"], "value": r["value"],
-                "higher_is_better": r.get("higher_is_better"), "kind": r.get("kind", "other")}
+                "higher_is_better": r.get("higher_is_better"), "kind": r.get("kind", "other"),
+                "samples": {k: v for k, v in (r.get("extra") or {}).items() if k in SAMPLE_FIELDS}}
                for r in data["records"] if r.get("kind", "other") in BASELINE_KINDS]
     if not records:
         raise UsageError("the run has no perplexity or accuracy records to make a baseline of")
     config = manifest.get("config", {})
+    items: dict[str, int] = {}
+    for r in data["records"]:
+        found = stats.evidence(r)
+        if found is not None and r.get("kind", "other") in BASELINE_KINDS:
+            items[r["task"]] = found.items
     return {
         "format": BASELINE_FORMAT,
         "profile": profile,
@@ -170,18 +193,21 @@ def make_baseline(data: dict, profile: str | None = None, command: str | None = 
         "generated": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "command": command, "wall_s": wall_s, "git_revision": manifest.get("git_revision"),
                       "versions": manifest.get("versions")},
+        "measured": {"items_per_task": items, "seqlen": config.get("seqlen"), "limit": config.get("limit"),
+                     "noise": "a row fails when it moves beyond the tolerance and the 95% interval of its change "
+                              f"excludes zero ({stats.method_text()})"},
         "tolerance": DEFAULT_TOLERANCE,
         "records": records,
     }
 
 
 def baseline_rows(baseline: dict) -> dict[RowKey, dict]:
-    if baseline.get("format") != BASELINE_FORMAT:
+    if baseline.get("format") not in READABLE_FORMATS:
         raise UsageError(f"not an svdbench baseline (format {baseline.get('format')!r}, expected {BASELINE_FORMAT!r}); "
                          "regenerate it with `svdbench baseline`")
     return {(r["model"], r["method"], r["variant"], _ratio(r), r["task"], r["metric"]):
-            {"value": r["value"], "higher_is_better": r.get("higher_is_better"),
-             "kind": r["kind"]} for r in baseline["records"]}
+            {"value": r["value"], "higher_is_better": r.get("higher_is_better"), "kind": r["kind"],
+             "evidence": stats.evidence({"extra": r.get("samples") or {}})} for r in baseline["records"]}
 
 
 def config_differences(baseline: dict, manifest: dict) -> list[tuple[str, object, object]]:
@@ -235,15 +261,20 @@ def _num(value: float | None, percent: bool = False) -> str:
 
 def format_rows(rows: list[Row], label_a: str = "A", label_b: str = "B") -> str:
     """A fixed-width text table: the row, both values, difference, relative change, tolerance, status."""
-    header = ["model", "method", "variant", "ratio", "task", "metric", label_a, label_b, "diff", "rel", "tolerance",
-              "status"]
+    header = ["model", "method", "variant", "ratio", "task", "metric", label_a, label_b, "diff", "95% interval",
+              "significant", "rel", "tolerance", "status"]
     lines = [header]
     for row in rows:
         model, method, var, ratio, task, metric = row.key
         arrow = {True: " ↑", False: " ↓"}.get(row.higher_is_better, "")
         tol = f"{row.tolerance:.3g} {'rel' if row.mode == 'relative' else 'abs'}"
-        lines.append([model, method, var or "-", "-" if ratio is None else f"{ratio:.0%}", task, metric + arrow, _num(row.a), _num(row.b),
-                      _num(row.diff), _num(row.relative, percent=True), tol, row.status.upper() if row.flagged else "ok"])
+        noise = row.noise
+        significant = "-" if noise is None else ("yes" if noise.significant else "no") + ("" if noise.paired else
+                                                                                          " (unpaired)")
+        lines.append([model, method, var or "-", "-" if ratio is None else f"{ratio:.0%}", task, metric + arrow,
+                      _num(row.a), _num(row.b), _num(row.diff), "-" if noise is None else noise.text(),
+                      significant, _num(row.relative, percent=True), tol,
+                      row.status.upper() if row.flagged else row.status])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * width for width in widths))

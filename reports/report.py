@@ -26,7 +26,7 @@ def nonfinite_notes(data: dict) -> list[str]:
 def render_markdown(data: dict, with_published: bool = False, plots: list[Path] | None = None) -> str:
     """The report: settings, every supported table (published LLaMA-7B blocks beside them), plots, failures."""
     manifest = data.get("manifest", {})
-    parts = ["# svdbench report", "", *settings_lines(manifest)]
+    parts = ["# svdbench report", "", *settings_lines(manifest, data.get("records"))]
     for table in build_tables(data):
         parts += ["", table.markdown()]
         if with_published:

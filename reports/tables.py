@@ -29,6 +29,7 @@ import math
 import pandas as pd
 
 from bench import DENSE, format_budget
+from reports import stats
 from reports.format import Table, fmt
 from reports.records import (
     QUALITY_KINDS,
@@ -83,6 +84,7 @@ def settings_lines(manifest: dict, records: list[dict] | None = None) -> list[st
         f"{'first ' + str(config['limit']) + ' windows/examples per task' if config.get('limit') else 'full test sets'}, "
         f"dtype {config.get('dtype')}, device {config.get('device')}.",
         *_precision_lines(records or []),
+        *interval_lines(records or []),
         f"- Calibration: {calib.get('samples')} x {calib.get('seqlen')} tokens of {calib.get('dataset')} "
         f"(seed {calib.get('seed')}).",
         *_thread_lines(manifest.get("threads")),
@@ -119,6 +121,35 @@ def _precision_lines(records: list[dict]) -> list[str]:
     windows = sorted({c["windows"] for c in checks})
     return [f"- {checks[0]['dtype']} evaluation vs float32 on the same weights: perplexity {100 * low:+.3f}% to "
             f"{100 * high:+.3f}% ({len(checks)} evaluations, their first {'/'.join(map(str, windows))} windows)."]
+
+
+WIDE_ACCURACY = 0.2  # an accuracy interval wider than this ranks nothing
+
+
+def interval_lines(records: list[dict]) -> list[str]:
+    """How the intervals are computed, how many windows/examples they rest on, and a warning when every
+    accuracy interval is too wide to rank anything."""
+    items: dict[str, dict[str, set]] = {"perplexity": {}, "accuracy": {}}
+    widths = []
+    for r in records:
+        found = stats.evidence(r)
+        if found is None or r.get("budget") is not None:
+            continue
+        items[found.kind].setdefault(r["task"], set()).add(found.items)
+        if found.kind == "accuracy":
+            low, high = stats.interval(found)
+            widths.append(high - low)
+    if not any(items.values()):
+        return []
+    rest = "; ".join(f"{what} per task: " + ", ".join(f"{task} {'/'.join(map(str, sorted(n)))}"
+                                                      for task, n in tasks.items())
+                     for what, tasks in (("windows", items["perplexity"]), ("examples", items["accuracy"])) if tasks)
+    lines = [f"- Intervals and significance marks: {stats.method_text()}. They rest on {rest}."]
+    if widths and min(widths) > WIDE_ACCURACY:
+        lines.append(f"- **Too few examples to rank by accuracy**: every accuracy interval is wider than "
+                     f"{WIDE_ACCURACY} (narrowest {min(widths):.2f}); raise --limit before reading the accuracy "
+                     "columns as a ranking.")
+    return lines
 
 
 def _thread_lines(threads: dict | None) -> list[str]:
@@ -208,8 +239,46 @@ def _cell(pivot: pd.DataFrame, key, column) -> float | None:
 
 
 # ---------------------------------------------------------------- tables
+def _evidence_of(records: pd.DataFrame, index: list[str]) -> dict:
+    """(index..., (task, column)) -> the record's per-item numbers (``None`` when it kept none)."""
+    return {(*key, (task, column)): stats.evidence({"extra": extra})
+            for *key, task, column, extra in records[[*index, "task", "column", "extra"]].itertuples(index=False)}
+
+
+def significance_marks(keys: list[tuple], values: dict, parts: dict, higher_is_better: bool | None) -> dict:
+    """key -> "best" | "tied" | "" for the rows ``keys`` of one column at one ratio: the best value, and every
+    row whose paired 95% difference from the best includes zero; rows without per-item numbers get no mark."""
+    known = [k for k in keys if isinstance(values.get(k), (int, float)) and math.isfinite(values[k])]
+    if len(known) < 2 or higher_is_better is None:
+        return {}
+    best = (max if higher_is_better else min)(known, key=lambda k: values[k])
+    if not parts.get(best):
+        return {}
+    marks = {best: "best"}
+    for key in known:
+        if key != best and parts.get(key):
+            marks[key] = "" if stats.difference(parts[best], parts[key]).significant else "tied"
+    return marks
+
+
+def _marked(text: str, mark: str | None) -> str:
+    return f"**{text}**" if mark == "best" else f"*{text}*" if mark == "tied" else text
+
+
+def _with_interval(value: float | None, parts: list | None) -> str:
+    if value is None:
+        return "-"
+    if not parts:
+        return fmt(value)
+    low, high = stats.interval(parts)
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
 def main_table(data: dict, df: pd.DataFrame) -> Table | None:
-    """Table-1 layout: a row per (method, ratio), a column per task metric and the declared averages."""
+    """Table-1 layout: a row per (method, ratio), a column per task metric and the declared averages.
+
+    Per ratio and column the best value is bold and every value not significantly different from it (paired
+    bootstrap, 95%) italic; averages carry their 95% interval."""
     records = quality(df)
     if records.empty:
         return None
@@ -217,24 +286,57 @@ def main_table(data: dict, df: pd.DataFrame) -> Table | None:
     hib = _directions(records)
     averages = _averages(records, data)
     pivot, sizes = _pivot(records, ["label", "ratio"]), _sizes(records, ["label", "ratio"])
+    evidence = _evidence_of(records, ["label", "ratio"])
     header = ["method", "ratio", "params (M)", "MiB"] + [_column_name(t, m, hib[(t, m)]) for t, m in cols]
     header += [label for label, *_ in averages]
-    rows = []
-    for key in _sorted_index(pivot, data):
-        row = [key[0], key[1], *_size_cells(sizes, key), *[_cell(pivot, key, c) for c in cols]]
-        for _, metric, present, _ in averages:
-            values = [_cell(pivot, key, (t, metric)) for t in present]
-            row.append(sum(values) / len(values) if all(v is not None for v in values) else None)
-        rows.append(row)
+    keys = _sorted_index(pivot, data)
+    values: dict = {}
+    parts: dict = {}
+    for key in keys:
+        for c in cols:
+            values[(key, c)] = _cell(pivot, key, c)
+            found = evidence.get((*key, c))
+            parts[(key, c)] = [found] if found is not None else None
+        for label, metric, present, _ in averages:
+            member = [_cell(pivot, key, (t, metric)) for t in present]
+            values[(key, label)] = sum(member) / len(member) if all(v is not None for v in member) else None
+            found = [evidence.get((*key, (t, metric))) for t in present]
+            parts[(key, label)] = found if all(f is not None for f in found) else None
+    columns = [*cols, *(label for label, *_ in averages)]
+    marks: dict = {}
+    for ratio in dict.fromkeys(k[1] for k in keys):
+        at_ratio = [k for k in keys if k[1] == ratio]
+        for c in columns:
+            direction = hib[c] if c in hib else True  # averages are of accuracies
+            found = significance_marks([(k, c) for k in at_ratio], values, parts, direction)
+            marks.update(found)
+    rows, display, csv_rows = [], [], []
+    for key in keys:
+        head = [key[0], key[1], *_size_cells(sizes, key)]
+        rows.append(head + [values[(key, c)] for c in columns])
+        bounds = [stats.interval(parts[(key, c)]) if parts[(key, c)] else (None, None) for c in columns]
+        csv_rows.append(rows[-1] + [bound for pair in bounds for bound in pair])
+        cells = []
+        for c in columns:
+            value = values[(key, c)]
+            text = _with_interval(value, parts[(key, c)]) if c not in cols else fmt(value)
+            cells.append(_marked(text, marks.get((key, c))) if value is not None else "-")
+        display.append(head + cells)
     notes = [settings_note(data.get("manifest", {})),
              "Perplexity: exp(mean token NLL) over non-overlapping windows (unitless). Accuracy: fraction of "
-             "examples correct (0-1), zero-shot."]
+             "examples correct (0-1), zero-shot.",
+             "**Bold**: the best value at its ratio; *italic*: not significantly different from it (paired "
+             f"bootstrap over the same windows/examples, 95%, {stats.RESAMPLES} resamples, seed {stats.SEED}); "
+             "unmarked: significantly worse (or no per-window/example data to test). Averages: [95% interval]; table1.csv "
+             "has every value's interval."]
     for label, metric, present, total in averages:
         notes.append(f"{label[:-2]}: plain mean of `{metric}` over {', '.join(present)}"
                      + ("" if len(present) == total else
                         f" ({len(present)} of the {total} tasks the average is defined over); not directly "
                         "comparable with the full average") + ".")
-    return Table("table1", "Results (methods x ratios, SVD-LLM Table-1 layout)", header, rows, notes)
+    csv_header = header + [f"{name} 95% {end}" for name in header[4:] for end in ("low", "high")]
+    return Table("table1", "Results (methods x ratios, SVD-LLM Table-1 layout)", header, rows, notes, display=display,
+                 csv_header=csv_header, csv_rows=csv_rows)
 
 
 def zeroshot_table(data: dict, df: pd.DataFrame) -> Table | None:
@@ -279,14 +381,23 @@ def ablation_table(data: dict, df: pd.DataFrame) -> Table | None:
     cols = sorted(set(records[["task", "ratio"]].itertuples(index=False, name=None)),
                   key=lambda tr: (order.index(tr[0]) if tr[0] in order else len(order), tr[1]))
     values = wide(records, "method", ["task", "ratio"])
+    extras = wide(records, "method", ["task", "ratio"], "extra")
     parts = list(dict.fromkeys(part for m in present for part in components[m]))
     header = ["method", *parts] + [f"{t} ppl ↓ @ {ratio:.0%}" for t, ratio in cols]
     rows = [[m, *[components[m].get(p, "-") for p in parts], *[_cell(values, m, c) for c in cols]] for m in present]
+    marks: dict = {}
+    for c in cols:  # per column: the best perplexity and what is not significantly different from it
+        found = {(m, c): stats.evidence({"extra": _cell(extras, m, c) or {}}) for m in present}
+        marks.update(significance_marks([(m, c) for m in present], {(m, c): _cell(values, m, c) for m in present},
+                                        {k: [v] if v is not None else None for k, v in found.items()}, False))
+    display = [[*row[:1 + len(parts)], *[_marked(fmt(v), marks.get((row[0], c))) for v, c in
+                                          zip(row[1 + len(parts):], cols)]] for row in rows]
     notes = [settings_note(data.get("manifest", {})),
              "transform: the right transform S applied before the SVD (whitening = Cholesky of the calibration gram); "
-             "update: the sequential LoRA update of the factors. Perplexity is unitless."]
+             "update: the sequential LoRA update of the factors. Perplexity is unitless. **Bold**: the best of a "
+             "column; *italic*: not significantly different from it (paired bootstrap, 95%)."]
     return Table("ablation", "Ablation (SVD-LLM Table 4): truncation-aware whitening and parameter update",
-                 header, rows, notes, percent=())
+                 header, rows, notes, percent=(), display=display)
 
 
 def budget_table(data: dict, df: pd.DataFrame) -> Table | None:
@@ -303,10 +414,21 @@ def budget_table(data: dict, df: pd.DataFrame) -> Table | None:
     header = ["budget", "method", "ratio", "params (M)", "MiB"] + [_column_name(t, m, hib[(t, m)]) for t, m in cols]
     rows = [[format_budget(k[0]), k[1], k[2], *_size_cells(sizes, k), *[_cell(pivot, k, c) for c in cols]]
             for k in keys]
+    evidence = _evidence_of(records, ["budget", "label", "ratio"])
+    marks: dict = {}
+    for budget in dict.fromkeys(k[0] for k in keys):  # methods at one budget are compared at equal memory
+        at_budget = [k for k in keys if k[0] == budget]
+        for c in cols:
+            found = {(k, c): evidence.get((*k, c)) for k in at_budget}
+            marks.update(significance_marks([(k, c) for k in at_budget], {(k, c): _cell(pivot, k, c) for k in at_budget},
+                                            {key: [v] if v is not None else None for key, v in found.items()}, hib[c]))
+    display = [[*row[:5], *[_marked(fmt(v), marks.get((k, c))) for v, c in zip(row[5:], cols)]]
+               for k, row in zip(keys, rows)]
     notes = [settings_note(data.get("manifest", {})),
              "Each method takes the smallest ratio whose compressed model fits the budget (bytes as held in memory, "
-             "whole model); ratio is the one it needed. Methods in one budget group are compared at equal memory."]
-    return Table("budget", "Equal memory budget (SVD-LLM Table 7)", header, rows, notes)
+             "whole model); ratio is the one it needed. Methods in one budget group are compared at equal memory: "
+             "**bold** the best of the group, *italic* not significantly different from it (paired bootstrap, 95%)."]
+    return Table("budget", "Equal memory budget (SVD-LLM Table 7)", header, rows, notes, display=display)
 
 
 def quantization_table(data: dict, df: pd.DataFrame) -> Table | None:
@@ -341,6 +463,32 @@ def quantization_table(data: dict, df: pd.DataFrame) -> Table | None:
     return Table("quantization", "SVD and quantization (SVD-LLM Table 8)", header, rows, notes)
 
 
+def _spread_text(value: float | None, extra: dict) -> str:
+    """A throughput figure with its interquartile range over repeats."""
+    spread = (extra or {}).get("tok_s")
+    if value is None or not isinstance(spread, dict):
+        return fmt(value)
+    return f"{fmt(value)} (IQR {fmt(spread['q1'])}-{fmt(spread['q3'])})"
+
+
+def speedup(extra: dict, dense_extra: dict) -> tuple[float, float, float] | None:
+    """(speed-up, 95% low, high) of a throughput record over the dense one, from their per-repeat seconds:
+    paired by round when both were measured in one interleaved session."""
+    seconds, dense_seconds = (extra or {}).get("seconds"), (dense_extra or {}).get("seconds")
+    if not seconds or not dense_seconds:
+        return None
+    paired = extra.get("session") is not None and extra.get("session") == dense_extra.get("session")
+    return stats.ratio_interval(seconds, dense_seconds, paired=paired)
+
+
+def _measured_on(extra: dict) -> str:
+    shared = (extra or {}).get("architecture")
+    if not isinstance(shared, dict):
+        return "itself"
+    count = len(shared.get("models") or [])
+    return f"{shared.get('measured_on')} ({count} model{'s' if count != 1 else ''}, {str(shared.get('signature'))[:8]})"
+
+
 def throughput_table(data: dict, df: pd.DataFrame) -> Table | None:
     """Tokens/s and memory per grid point, with the speed-up over the dense model at the same point."""
     records = df[df["kind"].isin(["throughput", "memory"])].copy()
@@ -353,27 +501,44 @@ def throughput_table(data: dict, df: pd.DataFrame) -> Table | None:
     records["budget_key"] = records["budget"].map(lambda b: -1.0 if b is None or b != b else float(b))
     index = ["label", "ratio", "point", "budget_key"]
     pivot = wide(records, index, "metric")
+    extras = wide(records, index, "metric", "extra")
     sizes = records.groupby(index)["bytes"].first()
     dense = wide(records[records["method"] == DENSE], "point", "metric")
-    header = ["method", "ratio", "grid", "MiB"] + [f"{m} {ARROW[hib[m]]}".strip() for m in metrics] \
+    dense_extra = wide(records[records["method"] == DENSE], "point", "metric", "extra")
+    header = ["method", "ratio", "grid", "MiB", "measured on"] + [f"{m} {ARROW[hib[m]]}".strip() for m in metrics] \
         + [f"{m} speed-up ↑" for m in speed]
     rank = label_rank(data)
-    rows = []
+    rows, display = [], []
     for key in sorted(pivot.index, key=lambda k: (k[2], k[0] != DENSE, k[1], rank(k[0]))):
         label, ratio, point, budget = key
         name = label if budget < 0 else f"{label} @ {format_budget(budget)}"
         values = [_cell(pivot, key, m) for m in metrics]
-        ups = []
+        extra_of = {m: _cell(extras, key, m) for m in metrics}
+        ups, up_cells = [], []
         for m in speed:
             base = _cell(dense, point, m) if point in dense.index else None
             value = _cell(pivot, key, m)
             ups.append(value / base if value is not None and base else None)
-        rows.append([name, ratio, point or "-", round(float(sizes.loc[key]) / 2**20, 1), *values, *ups])
+            found = speedup(extra_of[m], _cell(dense_extra, point, m)) if point in dense_extra.index else None
+            up_cells.append(f"{fmt(found[0])} [{fmt(found[1])}, {fmt(found[2])}]" if found and label != DENSE
+                            else fmt(ups[-1]))
+        measured = _measured_on(next((e for e in extra_of.values() if e), {}))
+        head = [name, ratio, point or "-", round(float(sizes.loc[key]) / 2**20, 1), measured]
+        rows.append([*head, *values, *ups])
+        display.append([*head, *[_spread_text(v, extra_of[m]) if m in speed else fmt(v)
+                                 for v, m in zip(values, metrics)], *up_cells])
     notes = [settings_note(data.get("manifest", {})),
              "tok/s: tokens per second (prefill: prompt tokens processed; decode: tokens generated), median of repeats "
-             "after warm-up; *_mb: MiB (peak_mem_mb: stored weights plus the peak added while generating; kv_cache_mb: "
-             "the KV cache); speed-up = compressed tok/s / dense tok/s at the same grid point, measured in the same run."]
-    return Table("throughput", "Throughput and memory", header, rows, notes)
+             "after warm-up, with the interquartile range (IQR) of the repeats; *_mb: MiB (peak_mem_mb: stored weights "
+             "plus the peak added while generating; kv_cache_mb: the KV cache); speed-up = compressed tok/s / dense "
+             "tok/s at the same grid point, measured in the same run, with its 95% interval (bootstrap over the "
+             "repeats, repeat i of the model paired with repeat i of the dense model when they were measured "
+             "interleaved).",
+             "measured on: models with the same architecture (every layer's type, shape, dtype and bits: the "
+             "signature) share one measurement, taken on the first of them; the distinct architectures are measured "
+             "together, their repeats interleaved (dense, A, B, dense, A, B, ...), so their differences are not the "
+             "machine's drift."]
+    return Table("throughput", "Throughput and memory", header, rows, notes, display=display)
 
 
 def allocation_rules(data: dict) -> tuple[dict[tuple[str, float], dict], dict[str, str]]:

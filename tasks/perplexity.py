@@ -4,7 +4,9 @@ Protocol (GPTQ / SVD-LLM style, ``bench/data/README.md``): rows joined with
 ``"\\n\\n"``, tokenized once with no special tokens, cut into non-overlapping
 windows of ``seqlen`` tokens, remainder dropped; perplexity =
 ``exp(mean token NLL)`` over every predicted token. ``limit`` keeps the first
-N windows and the measurement records how many tokens it covered.
+N windows and the measurement records how many tokens it covered, and each
+window's summed NLL and token count (``window_nll``, ``window_tokens``: the
+reports' bootstrap intervals resample them, ``reports/stats.py``).
 
 **Speed and memory.** The cross-entropy is computed in chunks of at most
 ``CHUNK_LOGITS`` logits: the decoder's last hidden states go through the LM
@@ -81,20 +83,20 @@ def _chunked_head(model: nn.Module, sample: torch.Tensor):
     return (decoder, head, expected.shape[-1]) if same else None
 
 
-def _batch_nll(model: nn.Module, chunk: torch.Tensor, head) -> float:
-    """Summed next-token NLL of the rows of ``chunk`` (float64), logits computed ``CHUNK_LOGITS`` at a time."""
+def _batch_nll(model: nn.Module, chunk: torch.Tensor, head) -> list[float]:
+    """Summed next-token NLL of each row of ``chunk`` (float64), logits computed ``CHUNK_LOGITS`` at a time."""
     targets = chunk[:, 1:].reshape(-1)
     if head is None:
         logits = model(chunk, use_cache=False).logits
-        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum"))
-    decoder, lm_head, vocab = head
-    hidden = decoder(input_ids=chunk, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
-    rows = max(1, CHUNK_LOGITS // vocab)
-    nll = 0.0
-    for start in range(0, len(hidden), rows):
-        logits = lm_head(hidden[start:start + rows]).float()
-        nll += float(F.cross_entropy(logits, targets[start:start + rows], reduction="sum"))
-    return nll
+        token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="none")
+    else:
+        decoder, lm_head, vocab = head
+        hidden = decoder(input_ids=chunk, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+        rows = max(1, CHUNK_LOGITS // vocab)
+        token_nll = torch.cat([F.cross_entropy(lm_head(hidden[start:start + rows]).float(),
+                                               targets[start:start + rows], reduction="none")
+                               for start in range(0, len(hidden), rows)])
+    return token_nll.double().view(len(chunk), -1).sum(1).tolist()
 
 
 @torch.no_grad()
@@ -110,21 +112,25 @@ def perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int = 1, des
 
 
 def _perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int, desc: str, device) -> Measurement:
-    total_nll = 0.0
+    window_nll: list[float] = []
     predicted = 0
     head = _chunked_head(model, batches[:1, :16].to(device)) if len(batches) else None
     for start in tqdm(range(0, len(batches), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = batches[start:start + batch_size].to(device)
-        total_nll += _batch_nll(model, chunk, head)
+        window_nll += _batch_nll(model, chunk, head)
         predicted += chunk[:, 1:].numel()
+        total_nll = math.fsum(window_nll)
         if not math.isfinite(total_nll):
             source = first_nonfinite_module(model, chunk[:1])
             return Measurement("perplexity", float("nan") if math.isnan(total_nll) else float("inf"),
                                {"windows": len(batches), "tokens": int(batches.numel()), "nonfinite_source": source,
                                 "nonfinite_window": start})
-    value = math.exp(total_nll / predicted) if predicted else float("nan")
+    value = math.exp(math.fsum(window_nll) / predicted) if predicted else float("nan")
+    # per window, for the reports' bootstrap intervals: NLL sums to 7 significant digits, one token count
     return Measurement("perplexity", value, {"windows": len(batches), "tokens": int(batches.numel()),
-                                             "predicted_tokens": predicted})
+                                             "predicted_tokens": predicted,
+                                             "window_nll": [float(f"{nll:.7g}") for nll in window_nll],
+                                             "window_tokens": batches.shape[1] - 1 if len(batches) else 0})
 
 
 def float32_check(model: nn.Module, batches: torch.Tensor, dtype: torch.dtype) -> dict:

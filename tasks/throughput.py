@@ -25,7 +25,14 @@ single-token steps. Two decoding paths are measured side by side (the grid's
   ``throughput_quick`` measures the eager path only.
 
 Warm-up passes are run first and excluded; each figure is the median over
-``repeats``; on CUDA the device is synchronized before the clock is read.
+``repeats``, with the interquartile range of the per-repeat figures in
+``extra["tok_s"]``; on CUDA the device is synchronized before the clock is
+read. The engine measures each distinct architecture of a run once
+(``per_architecture``, ``bench/engine/shared.py``) and hands them all to
+:func:`measure_many`: eager repeats go round the models (dense, A, B, dense,
+A, B, ...), so a drift of the machine hits every model alike, and the reports
+pair repeat ``i`` of a model with repeat ``i`` of the dense model (same
+``extra["session"]``) for each speed-up's interval.
 
 Measurements per grid point (the point is in ``extra``):
 
@@ -46,7 +53,7 @@ Measurements per grid point (the point is in ``extra``):
 MB here are MiB (2**20 bytes), as in the report. Speed depends on the machine
 and its load: compare models measured in the same run (dense is always
 measured first), as ratios. ``throughput`` has a grid sized for two CPU
-cores; ``throughput_quick`` (batch 1, prompt 128, decode 16, eager only) is
+cores; ``throughput_quick`` (batch 1, prompt 128, decode 16, eager only, 5 repeats) is
 the main job's; ``throughput_v2`` is SVD-LLM V2's setting (batch 4, prompt
 1024, decode 256). ``limit`` and ``batch_size`` of the run do not apply.
 """
@@ -107,7 +114,7 @@ class Grid:
 
 
 CPU_GRID = Grid()
-QUICK_GRID = Grid(batch_sizes=(1,), prompt_lengths=(128,), decode_lengths=(16,), repeats=3, warmup=1, paths=("eager",))
+QUICK_GRID = Grid(batch_sizes=(1,), prompt_lengths=(128,), decode_lengths=(16,), repeats=5, warmup=1, paths=("eager",))
 V2_GRID = Grid(batch_sizes=(4,), prompt_lengths=(1024,), decode_lengths=(256,), repeats=3, warmup=1)
 
 
@@ -315,52 +322,86 @@ def measure_compiled(model: nn.Module, grid: Grid, prompts: dict, weights: int) 
 
 def measure(model: nn.Module, grid: Grid, seed: int = 0) -> list[Measurement]:
     """Every grid point's throughput and memory for ``model`` (in eval mode, on its device), on each path."""
-    device = execution_device(model)  # the offload hooks' device when blocks are offloaded
-    vocab = model.config.get_text_config().vocab_size
-    weights = footprint(model)["bytes"]
-    generator = torch.Generator().manual_seed(seed)
-    prompts = {(b, p, g): torch.randint(0, vocab, (b, p), generator=generator).to(device) for b, p, g in grid.points()}
-    measurements = measure_eager(model, grid, prompts, weights) if "eager" in grid.paths else []
+    return measure_many([model], grid, seed)[0]
+
+
+def measure_many(models: list[nn.Module], grid: Grid, seed: int = 0) -> list[list[Measurement]]:
+    """:func:`measure` for several models: the eager path's repeats interleaved across them (round ``i`` of every
+    model, then round ``i + 1``), the compiled path model by model (each compile resets dynamo's state)."""
+    prompts, weights = [], []
+    for model in models:
+        device = execution_device(model)  # the offload hooks' device when blocks are offloaded
+        generator = torch.Generator().manual_seed(seed)
+        vocab = model.config.get_text_config().vocab_size
+        prompts.append({(b, p, g): torch.randint(0, vocab, (b, p), generator=generator).to(device)
+                        for b, p, g in grid.points()})
+        weights.append(footprint(model)["bytes"])
+    measured = measure_eager(models, grid, prompts, weights) if "eager" in grid.paths else [[] for _ in models]
     if "compiled" in grid.paths:
-        measurements += measure_compiled(model, grid, prompts, weights)
-    return measurements
+        for i, model in enumerate(models):
+            measured[i] += measure_compiled(model, grid, prompts[i], weights[i])
+    return measured
 
 
-def measure_eager(model: nn.Module, grid: Grid, prompts: dict, weights: int) -> list[Measurement]:
-    """Prefill/decode tokens/s, peak memory and KV-cache size of eager decoding on the dynamic cache."""
-    device = execution_device(model)  # the offload hooks' device when blocks are offloaded
-    measurements = []
+def spread(values: list[float]) -> dict:
+    """Median and interquartile range of repeated figures."""
+    q1, med, q3 = (float(v) for v in torch.tensor(values, dtype=torch.float64).quantile(
+        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    return {"median": med, "q1": q1, "q3": q3}
+
+
+def measure_eager(models: list[nn.Module], grid: Grid, prompts: list[dict], weights: list[int]) -> list[list[Measurement]]:
+    """Prefill/decode tokens/s, peak memory and KV-cache size of eager decoding on the dynamic cache, per model;
+    warm-up and repeats go round the models (dense, A, B, dense, A, B, ...), so drift hits all alike."""
+    devices = [execution_device(model) for model in models]  # the offload hooks' device when blocks are offloaded
+    session = f"{time.time_ns():x}"  # models measured in one interleaved session: their repeats pair by round
+    out: list[list[Measurement]] = [[] for _ in models]
     for batch, prompt_len, decode in grid.points():
-        prompt = prompts[(batch, prompt_len, decode)]
+        point_key = (batch, prompt_len, decode)
         for _ in range(grid.warmup):
-            generate_timed(model, prompt, decode)
-        prefill, dec, increments, exact = [], [], [], True
+            for model, prompt in zip(models, prompts):
+                generate_timed(model, prompt[point_key], decode)
+        runs = [{"prefill": [], "decode": [], "increments": [], "exact": True, "kv": 0} for _ in models]
         for _ in range(grid.repeats):
-            with _PeakMemory(device) as peak:
-                p_s, d_s, kv = generate_timed(model, prompt, decode)
-            prefill.append(p_s)
-            dec.append(d_s)
-            increments.append(peak.increment)
-            exact &= peak.exact
-        p_med, d_med = statistics.median(prefill), statistics.median(dec)
-        point = {"batch_size": batch, "prompt_len": prompt_len, "decode_len": decode, "path": "eager"}
-        how = {"repeats": grid.repeats, "warmup": grid.warmup, "device": str(device), "threads": torch.get_num_threads()}
-        measurements += [
-            Measurement("prefill_tok_s", batch * prompt_len / p_med, {**how, "seconds": prefill}, point),
-            Measurement("decode_tok_s", batch * decode / d_med if decode else float("nan"), {**how, "seconds": dec},
-                        point),
-            Measurement("peak_mem_mb", (weights + max(increments)) / MIB,
-                        {**how, "weights_mb": weights / MIB, "peak_increment_mb": max(increments) / MIB,
-                         "peak_increment_exact": exact,
-                         "source": "cuda max_memory_allocated" if device.type == "cuda" else "process VmHWM - VmRSS"},
-                        point),
-            Measurement("kv_cache_mb", kv / MIB, {**how, "bytes": kv}, point),
-        ]
-    return measurements
+            for model, prompt, device, run in zip(models, prompts, devices, runs):
+                with _PeakMemory(device) as peak:
+                    p_s, d_s, run["kv"] = generate_timed(model, prompt[point_key], decode)
+                run["prefill"].append(p_s)
+                run["decode"].append(d_s)
+                run["increments"].append(peak.increment)
+                run["exact"] &= peak.exact
+        for i, run in enumerate(runs):
+            device, prefill, dec, increments = devices[i], run["prefill"], run["decode"], run["increments"]
+            point = {"batch_size": batch, "prompt_len": prompt_len, "decode_len": decode, "path": "eager"}
+            how = {"repeats": grid.repeats, "warmup": grid.warmup, "device": str(device),
+                   "threads": torch.get_num_threads(), "session": session, "interleaved_models": len(models),
+                   "round_position": i}
+            prefill_rates = [batch * prompt_len / s for s in prefill]
+            decode_rates = [batch * decode / s for s in dec] if decode else []
+            out[i] += [
+                Measurement("prefill_tok_s", batch * prompt_len / statistics.median(prefill),
+                            {**how, "seconds": prefill, "tok_s": spread(prefill_rates)}, point),
+                Measurement("decode_tok_s", batch * decode / statistics.median(dec) if decode else float("nan"),
+                            {**how, "seconds": dec, **({"tok_s": spread(decode_rates)} if decode_rates else {})},
+                            point),
+                Measurement("peak_mem_mb", (weights[i] + max(increments)) / MIB,
+                            {**how, "weights_mb": weights[i] / MIB, "peak_increment_mb": max(increments) / MIB,
+                             "peak_increment_exact": run["exact"],
+                             "source": "cuda max_memory_allocated" if device.type == "cuda" else "process VmHWM - VmRSS"},
+                            point),
+                Measurement("kv_cache_mb", run["kv"] / MIB, {**how, "bytes": run["kv"]}, point),
+            ]
+    return out
 
 
 class Throughput(Task):
-    """Prefill/decode tokens/s, peak memory and KV-cache size over a grid of shapes."""
+    """Prefill/decode tokens/s, peak memory and KV-cache size over a grid of shapes.
+
+    ``per_architecture``: the engine measures each distinct architecture of a run once, all of them interleaved
+    (:meth:`evaluate_many`); models of one architecture share that measurement.
+    """
+
+    per_architecture = True
 
     metrics = {"prefill_tok_s": Metric("throughput", True, "tokens/s"), "decode_tok_s": Metric("throughput", True, "tokens/s"),
                "peak_mem_mb": Metric("memory", False, "MiB"), "kv_cache_mb": Metric("memory", False, "MiB")}
@@ -377,6 +418,9 @@ class Throughput(Task):
 
     def evaluate(self, model, tokenizer, settings: EvalSettings) -> list[Measurement]:
         return measure(model, self.grid)
+
+    def evaluate_many(self, models, tokenizer, settings: EvalSettings) -> list[list[Measurement]]:
+        return measure_many(models, self.grid)
 
 
 @hookimpl

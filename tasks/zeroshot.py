@@ -9,7 +9,9 @@ The (possibly compressed) model in memory is evaluated through lm-eval's
 lm-eval numbers. ``limit`` keeps the first N examples of each task.
 
 Measurements: ``acc`` and, where lm-eval defines it, ``acc_norm``; the
-standard error and the number of examples go into ``extra``.
+standard error, the number of examples and each example's correctness
+(``correct``: a string of 0/1 in document order, for the reports' paired
+tests) go into ``extra``.
 """
 
 from __future__ import annotations
@@ -118,8 +120,9 @@ class ZeroShotTask(Task):
         task = self.lm_eval_task()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
         out = evaluator.evaluate(lm=lm, task_dict={"tasks": {self.name: task}, "groups": {}}, limit=settings.limit,
-                                 log_samples=False, bootstrap_iters=1000)
+                                 log_samples=True, bootstrap_iters=1000)
         result = out["results"][self.name]
+        samples = sorted(out.get("samples", {}).get(self.name, []), key=lambda sample: sample["doc_id"])
         evaluated = out.get("n-samples", {}).get(self.name, {}).get("effective", settings.limit or self.records)
         measurements = []
         for metric in self.metrics:
@@ -130,8 +133,17 @@ class ZeroShotTask(Task):
             measurements.append(Measurement(metric, float(value), {
                 "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                 "examples": int(evaluated), "split_examples": self.records, "num_fewshot": 0,
-                "lm_eval_task": self.yaml}))
+                "lm_eval_task": self.yaml, "correct": correctness(samples, metric)}))
         return measurements
+
+
+def correctness(samples: list[dict], metric: str) -> str:
+    """Each example's score on ``metric`` in document order, as a string of 0/1 (the reports' paired tests
+    resample it); empty when lm-eval logged no 0/1 score for it."""
+    flags = [sample.get(metric) for sample in samples]
+    if not flags or any(flag not in (0, 1, 0.0, 1.0, True, False) for flag in flags):
+        return ""
+    return "".join("1" if flag else "0" for flag in flags)
 
 
 def _offline() -> None:

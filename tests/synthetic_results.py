@@ -15,6 +15,7 @@ tasks (metric kinds, the zero-shot average) as ``Method.describe()`` and
 from __future__ import annotations
 
 import copy
+import math
 
 from bench import Record
 
@@ -56,6 +57,27 @@ def _record(method, ratio, task, metric, value, hib, params=None, nbytes=None, *
                   kind=KINDS[metric], higher_is_better=hib, params=params, bytes=nbytes, budget=budget, point=point,
                   extra=more.pop("extra", {}), config=more.pop("config", {}), accounting=accounting,
                   **more).to_dict()
+
+
+WINDOWS, WINDOW_TOKENS = 8, 511
+DIFFICULTY = (0.7, 1.3, 0.9, 1.1, 0.8, 1.2, 1.05, 0.95)  # per window, mean 1: shared by every method
+
+
+def window_nll(value: float, method: str) -> list[float]:
+    """Per-window NLL sums whose perplexity is exactly ``value``: a difficulty every method shares plus a small
+    method-specific jitter summing to zero, so paired differences are tight and the intervals real."""
+    jitter = [0.02 * ((i + len(method)) % 3 - 1) for i in range(WINDOWS)]
+    jitter = [j - sum(jitter) / WINDOWS for j in jitter]
+    return [math.log(value) * WINDOW_TOKENS * (d + j) for d, j in zip(DIFFICULTY, jitter)]
+
+
+def throughput_extra(value: float, tokens: int) -> dict:
+    """Per-repeat seconds (median matching ``value``) of one interleaved session, as tasks/throughput.py records."""
+    median = tokens / value
+    seconds = [median * 0.97, median, median * 1.04]
+    rates = sorted(tokens / s for s in seconds)
+    return {"repeats": 3, "seconds": seconds, "session": "s1",
+            "tok_s": {"median": rates[1], "q1": (rates[0] + rates[1]) / 2, "q3": (rates[1] + rates[2]) / 2}}
 
 
 def perplexity(method: str, ratio: float, task: str = "wikitext2") -> float:
@@ -104,7 +126,9 @@ def synthetic_results(methods=("svd", "asvd", "svdllm_w", "svdllm_u", "svdllm"),
     rows = [("dense", 0.0)] + [(m, r) for m in methods for r in ratios]
     for method, ratio in rows:
         for task in PERPLEXITY_TASKS:
-            records.append(_record(method, ratio, task, "perplexity", perplexity(method, ratio, task), False))
+            value = perplexity(method, ratio, task)
+            records.append(_record(method, ratio, task, "perplexity", value, False,
+                                   extra={"window_nll": window_nll(value, method), "window_tokens": WINDOW_TOKENS}))
         if zero_shot:
             for task in ZERO_SHOT:
                 acc = accuracy(method, ratio, task)
@@ -139,11 +163,12 @@ def synthetic_results(methods=("svd", "asvd", "svdllm_w", "svdllm_u", "svdllm"),
         tasks.append("throughput")
         for method, ratio in rows:
             for batch in (1, 4):
-                point = {"batch_size": batch, "prompt_len": 128, "decode_len": 32}
+                point = {"batch_size": batch, "prompt_len": 128, "decode_len": 32, "path": "eager"}
                 speed = 1 + ratio * (0.5 + 0.25 * batch) * (1 - 0.05 * len(method)) if method != "dense" else 1.0
-                for metric, base in (("prefill_tok_s", 400.0 * batch), ("decode_tok_s", 20.0 * batch)):
+                for metric, base, tokens in (("prefill_tok_s", 400.0 * batch, batch * 128),
+                                             ("decode_tok_s", 20.0 * batch, batch * 32)):
                     records.append(_record(method, ratio, "throughput", metric, base * speed, True, point=dict(point),
-                                           extra={"repeats": 3}))
+                                           extra=throughput_extra(base * speed, tokens)))
                 records.append(_record(method, ratio, "throughput", "peak_mem_mb", 600.0 - 300 * ratio, False,
                                        point=dict(point), extra={"repeats": 3}))
     run_methods = [*methods, *quantizers]
@@ -165,9 +190,12 @@ def synthetic_results(methods=("svd", "asvd", "svdllm_w", "svdllm_u", "svdllm"),
 
 
 def degraded(data: dict, method: str, factor: float = 1.5) -> dict:
-    """A copy of ``data`` with every perplexity of ``method`` multiplied by ``factor``."""
+    """A copy of ``data`` with every perplexity of ``method`` multiplied by ``factor`` (every window's too)."""
     data = copy.deepcopy(data)
     for r in data["records"]:
         if r["method"] == method and r["metric"] == "perplexity":
             r["value"] *= factor
+            if "window_nll" in r["extra"]:
+                r["extra"]["window_nll"] = [nll + math.log(factor) * r["extra"]["window_tokens"]
+                                            for nll in r["extra"]["window_nll"]]
     return data

@@ -31,6 +31,11 @@ def test_perplexity_matches_token_by_token():
     harness = perplexity(model, batches, batch_size=2)
     assert harness.extra["predicted_tokens"] == 3 * 11
     assert math.isclose(harness.value, naive_perplexity(model, batches), rel_tol=1e-5)
+    # each window's own NLL sum, for the reports' bootstrap: window i alone gives window i's perplexity
+    assert len(harness.extra["window_nll"]) == 3 and harness.extra["window_tokens"] == 11
+    for i, nll in enumerate(harness.extra["window_nll"]):
+        assert math.isclose(math.exp(nll / 11), naive_perplexity(model, batches[i:i + 1]), rel_tol=1e-5)
+    assert math.isclose(math.exp(sum(harness.extra["window_nll"]) / 33), harness.value, rel_tol=1e-6)
 
 
 def test_windows_drop_the_remainder_and_honour_limit():

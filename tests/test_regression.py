@@ -229,7 +229,8 @@ def _peaked(tiny: LoadedModel) -> LoadedModel:
 
 def test_degraded_method_fails_the_check_end_to_end(tiny, tmp_path, capsys):
     loaded = _peaked(tiny)
-    settings = dict(model="tiny", methods=("probe",), ratios=(0.2,), tasks=("wikitext2",), seqlen=32, limit=2)
+    # 64 windows: a regression must be beyond the tolerance and beyond the windows' noise (its interval excludes 0)
+    settings = dict(model="tiny", methods=("probe",), ratios=(0.2,), tasks=("wikitext2",), seqlen=32, limit=64)
     good = run(RunConfig(out=str(tmp_path / "good"), **settings), load_registry(extra=[("probe", _plugin(Probe()))]),
                loaded)
     baseline = tmp_path / "ci.json"

@@ -65,6 +65,9 @@ def test_table1_values_units_and_average(tmp_path):
     rows = _csv_rows(tmp_path / "table1.csv")
     svd = next(r for r in rows if r["method"] == "svd" and float(r["ratio"]) == 0.2)
     assert float(svd["wikitext2 perplexity ↓"]) == pytest.approx(perplexity("svd", 0.2))
+    # every value's 95% interval (from its windows) beside it in the CSV
+    low, high = float(svd["wikitext2 perplexity ↓ 95% low"]), float(svd["wikitext2 perplexity ↓ 95% high"])
+    assert low < perplexity("svd", 0.2) < high
 
 
 def test_partial_average_is_labelled():
@@ -117,7 +120,7 @@ def test_variant_tells_rows_apart():
     keys = [(r["method"], r["ratio"], r["variant"], r["task"], r["metric"]) for r in data["records"]]
     assert len(keys) == len(set(keys))
     variants = {r["variant"] for r in data["records"]}
-    assert {"budget=90% of dense", "2-bit", "batch_size=4 prompt_len=128 decode_len=32"} <= variants
+    assert {"budget=90% of dense", "2-bit", "batch_size=4 prompt_len=128 decode_len=32 path=eager"} <= variants
 
 
 def test_with_published_block_and_ordering(tmp_path):
@@ -204,3 +207,42 @@ def test_results_csv_carries_kind_bits_and_variant(tmp_path):
     assert {r["kind"] for r in rows} == {"perplexity", "accuracy", "throughput", "memory"}
     budget = [r for r in rows if r["budget"]]
     assert {r["variant"] for r in budget} == {"budget=90% of dense", "budget=75% of dense"}
+
+
+def _text_boxes(fig) -> list[tuple[str, object]]:
+    """(what, window extent) of every title, the figure title and every legend of a drawn figure."""
+    renderer = fig.canvas.get_renderer()
+    boxes = [(f"title of panel {i}", ax.title.get_window_extent(renderer)) for i, ax in enumerate(fig.axes)
+             if ax.get_title()]
+    if fig._suptitle is not None and fig._suptitle.get_text():
+        boxes.append(("figure title", fig._suptitle.get_window_extent(renderer)))
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    boxes += [(f"legend {i}", legend.get_window_extent(renderer)) for i, legend in enumerate(legends)]
+    return boxes
+
+
+@pytest.mark.parametrize("one_grid_point", [False, True])
+def test_no_plot_has_overlapping_titles_or_legends(tmp_path, monkeypatch, one_grid_point):
+    """Every plot of a synthetic run, drawn at its default size: no two titles or legends intersect (the main job's
+    throughput plot has one grid point, whose long name once ran the two panel titles into each other)."""
+    import reports.plots as plots
+
+    data = synthetic_results()
+    if one_grid_point:
+        data["records"] = [r for r in data["records"] if (r.get("point") or {}).get("batch_size", 1) == 1]
+    overlaps, drawn = {}, []
+    save = plots._save
+
+    def checked_save(fig, path):
+        fig.canvas.draw()
+        boxes = _text_boxes(fig)
+        overlaps[path.name] = [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:]
+                               if box_a.overlaps(box_b)]
+        drawn.append(path.name)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", checked_save)
+    plots.write_plots(data, tmp_path, with_published=True)
+    assert set(drawn) == {"perplexity_vs_ratio.png", "accuracy_vs_ratio.png", "perplexity_vs_bytes.png",
+                          "throughput_speedup.png"}
+    assert all(not found for found in overlaps.values()), overlaps

@@ -75,3 +75,6 @@ def test_tiny_model_runs_through_each_task(tiny, name):
         assert 0.0 <= m.value <= 1.0
         assert m.extra["examples"] == 3 and m.extra["split_examples"] == CANONICAL[name]
         assert m.extra["stderr"] is not None and math.isfinite(m.extra["stderr"])
+        # each example's correctness, in document order, for the reports' paired tests
+        assert len(m.extra["correct"]) == 3 and set(m.extra["correct"]) <= {"0", "1"}
+        assert math.isclose(m.extra["correct"].count("1") / 3, m.value)

@@ -124,9 +124,18 @@ class Method:
     concurrent_decompose: ClassVar[bool] = True
     # Part of every factor-store and resume key; None: derived from the plugin's source (bench.api.versions).
     version: ClassVar[str | None] = None
+    # Optional packages the method imports, each with the command that installs it: ``--methods all`` leaves
+    # the method out while one is missing (and says so), naming the method explicitly is then an error.
+    packages: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.config_class()
+
+    def missing_packages(self) -> dict[str, str]:
+        """The optional packages of ``packages`` that are not installed, with their install commands."""
+        import importlib.util
+
+        return {name: command for name, command in self.packages.items() if importlib.util.find_spec(name) is None}
 
     # ------------------------------------------------------------------ per run
     def make_config(self, options: Mapping[str, Any] | None = None) -> Any:

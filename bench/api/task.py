@@ -78,6 +78,10 @@ class Task:
     def code_version(self) -> str:
         """The version of this task's code: ``version``, else derived from its source files."""
         return code_version(self)
+    # True: the result depends on the model's architecture (every layer's type, shape, dtype, bits), not on its
+    # weights' values (speed). The engine then measures it once per distinct architecture of the run, all of
+    # them together through :meth:`evaluate_many`, and models of one architecture share the measurement.
+    per_architecture: ClassVar[bool] = False
 
     def settings_key(self, settings: EvalSettings) -> dict:
         """The settings that change this task's result (part of a record's resume key)."""
@@ -100,3 +104,8 @@ class Task:
     def evaluate(self, model: nn.Module, tokenizer, settings: EvalSettings) -> list[Measurement]:
         """Evaluate ``model`` and return its measurements."""
         raise NotImplementedError
+
+    def evaluate_many(self, models: list[nn.Module], tokenizer, settings: EvalSettings) -> list[list[Measurement]]:
+        """Each model's measurements (default: one after the other); a ``per_architecture`` task gets every
+        distinct architecture of a run at once and interleaves its repeats across them."""
+        return [self.evaluate(model, tokenizer, settings) for model in models]

@@ -164,6 +164,11 @@ def _run(args, registry) -> int:
     config = resolve_config(args.profile, explicit)
     if args.profile:
         logging.getLogger("svdbench").info("profile %s", args.profile)
+    from bench.engine.plan import left_out_line
+
+    skipped = left_out_line(config, registry)
+    if skipped:
+        print(f"svdbench: {skipped}", file=sys.stderr)
     if executor.kind == "ray":
         from bench.engine.distributed import import_ray
 

@@ -23,6 +23,7 @@ calls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -61,6 +62,7 @@ from bench.engine.plan import (
 from bench.engine.plugins import Registry, load_registry
 from bench.engine.provenance import git_revision, package_versions
 from bench.engine.results import Results
+from bench.engine.shared import SharedMeasurements, hold_limit
 from bench.engine.stores import EntryWriter, factor_tensors, open_entry, store_root, stored_factorizations
 from bench.errors import NonFinite, UsageError
 from bench.memory import allocator_settings, release_free_memory
@@ -146,6 +148,11 @@ class Workspace:
         self._groups: dict[str, str] = {}
         self._failed: dict[str, Exception] = {}  # factor store key -> why its decomposition failed
         self._decomposing_seconds = 0.0  # wall time inside the block passes' decompositions
+        self.shared = SharedMeasurements()  # per-architecture cells (throughput), measured together at the end
+
+    def flush_shared(self) -> None:
+        """Measure the per-architecture cells held so far (one model per distinct architecture, interleaved)."""
+        self.shared.flush(self.loaded.tokenizer, self.settings)
 
     def timed(self, label: str, start: float) -> float:
         self.timings[label] = round(time.perf_counter() - start, 3)
@@ -172,7 +179,8 @@ class Workspace:
 
     def release_model(self) -> None:
         """Drop the dense model from memory when it can be read back from its checkpoint."""
-        if self._loaded is not None and self._loaded.checkpoint is not None and self._loaded.model is not None:
+        if self._loaded is not None and self._loaded.checkpoint is not None and self._loaded.model is not None \
+                and not self.shared.holds(self._loaded.model):  # held for throughput: dropping it frees nothing
             self._loaded.model = None
             release_free_memory()
 
@@ -430,23 +438,42 @@ def _records(workspace: Workspace, task: Task, cell: Cell, measurements: list[Me
 
 def _evaluate(workspace: Workspace, sink: Sink, model, cells: list[Cell], summary: dict, method: Method | None = None,
               compression: str | None = None, ratio: float = 0.0, budget: dict | None = None) -> None:
+    """Every cell's task on ``model``; a per-architecture task's cells wait for :meth:`Workspace.flush_shared`."""
     for cell in cells:
         task = workspace.registry.get("task", cell.task)
+        emit = functools.partial(_emit, workspace, sink, task, cell, summary, method, compression, ratio, budget)
+        if task.per_architecture:
+            label = cell.method + (f" @ {budget['spec']}" if budget else f" {ratio:g}" if method else "")
+            workspace.shared.add(task, model, method.storage_bits() if method else None, label, emit,
+                                 functools.partial(_fail, sink, cell.method, ratio if method else None,
+                                                   f"evaluate {cell.task}"), dense=method is None)
+            if workspace.shared.over_limit():
+                log.info("the models held for %s pass %.0f MiB: measuring them now", cell.task, hold_limit() / 2**20)
+                workspace.flush_shared()
+            continue
         start = time.perf_counter()
         measurements = task.evaluate(model, workspace.loaded.tokenizer, workspace.settings)
-        label = f"evaluate:{cell.method}:{ratio}:{cell.task}"
-        seconds = workspace.timed(label, start)
-        sink.add_timing(label, seconds)
-        bad = [m for m in measurements if not (isinstance(m.value, (int, float)) and math.isfinite(m.value))]
-        if bad:  # a NaN/inf never becomes a record: the cell fails (and is tried again by the next run)
-            error = NonFinite(bad[0].extra.get("nonfinite_source"), f"evaluate {cell.task}",
-                              f"{cell.task} {bad[0].metric} ({bad[0].value})")
-            _fail(sink, cell.method, ratio if method else None, f"evaluate {cell.task}", error)
-            continue
-        sink.add(_records(workspace, task, cell, measurements, summary, seconds, method, compression, ratio, budget))
-        release_free_memory()
-        log.info("%s %.2f %s: %s", cell.method, ratio, cell.task,
-                 ", ".join(f"{m.metric}={m.value:.4g}" for m in measurements))
+        emit(measurements, time.perf_counter() - start)
+
+
+def _emit(workspace: Workspace, sink: Sink, task: Task, cell: Cell, summary: dict, method: Method | None,
+          compression: str | None, ratio: float, budget: dict | None, measurements: list[Measurement],
+          seconds: float) -> None:
+    """One evaluated cell's records into the sink (a NaN/inf measurement fails the cell instead)."""
+    label = f"evaluate:{cell.method}:{ratio}:{cell.task}"
+    workspace.timings[label] = round(seconds, 3)
+    sink.add_timing(label, workspace.timings[label])
+    bad = [m for m in measurements if not (isinstance(m.value, (int, float)) and math.isfinite(m.value))]
+    if bad:  # a NaN/inf never becomes a record: the cell fails (and is tried again by the next run)
+        error = NonFinite(bad[0].extra.get("nonfinite_source"), f"evaluate {cell.task}",
+                          f"{cell.task} {bad[0].metric} ({bad[0].value})")
+        _fail(sink, cell.method, ratio if method else None, f"evaluate {cell.task}", error)
+        return
+    sink.add(_records(workspace, task, cell, measurements, summary, workspace.timings[label], method, compression,
+                      ratio, budget))
+    release_free_memory()
+    log.info("%s %.2f %s: %s", cell.method, ratio, cell.task,
+             ", ".join(f"{m.metric}={m.value:.4g}" for m in measurements))
 
 
 def _fail(sink: Sink, method: str, ratio: float | None, stage: str, error: Exception) -> None:
@@ -560,6 +587,7 @@ def execute_group(plan_data: dict, index: int, loaded: LoadedModel | None = None
         workspace.dense_footprint  # noqa: B018 (measured while the dense model is in memory)
         _prepare(workspace, [workspace.create(name) for name in group.methods], plan.statistics, collected)
     run_group(workspace, plan, group, collected)
+    workspace.flush_shared()  # this group's models, interleaved (a worker sees one group at a time)
     return {"records": collected.records, "compressions": collected.compressions, "failures": collected.failures,
             "timings": {**workspace.timings, **collected.timings}}
 
@@ -663,6 +691,10 @@ def _run_local(workspace: Workspace, plan: Plan, results: Results, progress) -> 
         progress.update(done - progress.n)  # cells that failed count as done too
         results.add_group(group.label, {"node": this_node(), "cells": len(group.cells),
                                         "seconds": round(time.perf_counter() - start, 3)})
+    start, counted = time.perf_counter(), progress.n
+    workspace.flush_shared()  # every distinct architecture of the run, interleaved
+    workspace.timed("shared_measurements", start)
+    progress.update(counted - progress.n)  # the held cells were counted with their groups
 
 
 _WORKER_MODEL: dict[tuple, LoadedModel] = {}  # the model a worker process loaded for an earlier group

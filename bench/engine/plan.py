@@ -28,6 +28,7 @@ from bench.api.task import EvalSettings
 from bench.engine.budget import budget_bytes, parse_budget
 from bench.engine.config import RunConfig
 from bench.engine.plugins import Registry
+from bench.errors import UsageError
 from bench.storage import json_key
 
 RATIO_DEFINITION = "fraction of each compressed matrix's parameters removed: rank = floor(m*n*(1-ratio)/(m+n))"
@@ -113,10 +114,31 @@ def eval_settings(config: RunConfig) -> EvalSettings:
     return EvalSettings(seqlen=config.seqlen, limit=config.limit, batch_size=config.batch_size, device=config.device)
 
 
+def left_out(config: RunConfig, registry: Registry) -> dict[str, dict[str, str]]:
+    """``--methods all``: the registered methods it leaves out, each with its missing packages' install commands."""
+    if list(config.methods) != ["all"]:
+        return {}
+    missing = {name: registry.get("method", name).missing_packages() for name in registry.methods}
+    return {name: packages for name, packages in missing.items() if packages}
+
+
+def left_out_line(config: RunConfig, registry: Registry) -> str | None:
+    """One line naming what ``--methods all`` leaves out and the commands that install it (``None``: nothing)."""
+    missing = left_out(config, registry)
+    if not missing:
+        return None
+    commands = list(dict.fromkeys(c for packages in missing.values() for c in packages.values()))
+    return (f"--methods all leaves out {', '.join(missing)} (not installed: "
+            f"{', '.join(dict.fromkeys(p for packages in missing.values() for p in packages))}); "
+            f"to run {'it' if len(missing) == 1 else 'them'} too: {' && '.join(commands)}")
+
+
 def run_methods(config: RunConfig, registry: Registry) -> list[str]:
-    """The run's method names, with ``all`` and ``none`` resolved."""
+    """The run's method names, with ``all`` (every registered method whose packages are installed) and ``none``
+    resolved."""
     if list(config.methods) == ["all"]:
-        return list(registry.methods)
+        skipped = left_out(config, registry)
+        return [name for name in registry.methods if name not in skipped]
     if list(config.methods) == ["none"]:
         return []
     for name in config.methods:
@@ -144,8 +166,15 @@ def validate(config: RunConfig, registry: Registry) -> None:
     for budget in config.budgets:
         parse_budget(budget)
     create = registry.method_factory(config.method_options)
+    for name in run_methods(config, registry):
+        missing = registry.get("method", name).missing_packages()
+        if missing:
+            raise UsageError(f"{name} needs the {', '.join(missing)} package, which is not installed; install it "
+                             f"with {' && '.join(dict.fromkeys(missing.values()))} (or leave {name} out of --methods)")
+    skipped = left_out(config, registry)
     for name in [*config.method_options, *run_methods(config, registry)]:  # options of methods not run too
-        create(name)
+        if name not in skipped:
+            create(name)
 
 
 def make_plan(config: RunConfig, registry: Registry, model_identity: str, dense_bytes: int) -> Plan:
