@@ -1,0 +1,160 @@
+"""Saved models in plain transformers (bench/interop/hf.py): every saved kind loads with
+``AutoModelForCausalLM.from_pretrained`` in a fresh process and computes what svdbench's own loader computes;
+without svdbench it is refused; config.json says only what is true of the saved weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.model.card import CARD
+from bench.model.loading import load_model
+from bench.model.saving import MANIFEST
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_probe import measure  # noqa: E402
+
+PROBE = Path(__file__).parent / "hf_probe.py"
+CALIBRATION = ["--calib-samples", "2", "--calib-seqlen", "64"]
+GPTQ = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                          reason="the gptq extra is not installed: pip install 'svdbench[gptq]'")
+# every kind of model svdbench saves: low-rank (plain, whitened, updated), low-rank + quantized factors, quantized
+KINDS = {
+    "svd": ("svd", []),
+    "svdllm_w": ("svdllm_w", []),
+    "svdllm": ("svdllm", ["--method-option", "svdllm.update_steps=1", "--method-option", "svdllm.batch_size=1",
+                          "--method-option", "svdllm.eval_examples=1", "--method-option", "svdllm.cutoff=32"]),
+    "svdllm_quant_hqq": ("svdllm_quant", ["--method-option", "svdllm_quant.quantizer=hqq"]),
+    "svdllm_quant_gptq": ("svdllm_quant", ["--method-option", "svdllm_quant.quantizer=gptq"]),
+    "hqq": ("hqq", []),
+    "gptq": ("gptq", []),
+}
+LAYERS = {"svd": {"LowRankLinear"}, "svdllm_w": {"LowRankLinear"}, "svdllm": {"LowRankLinear"},
+          "svdllm_quant_hqq": {"LowRankLinear", "QuantizedLinear"}, "svdllm_quant_gptq": {"LowRankLinear", "GPTQLinear"},
+          "hqq": {"QuantizedLinear"}, "gptq": {"GPTQLinear"}}
+
+
+def probe(mode: str, directories: list[Path]) -> dict[str, dict]:
+    """Run tests/hf_probe.py in a fresh interpreter; its JSON lines by directory."""
+    done = subprocess.run([sys.executable, str(PROBE), mode, *map(str, directories)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {Path(row["dir"]).name: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer):
+    """One model of every kind, compressed by ``svdbench compress`` from a tiny checkpoint whose config.json
+    carries a foreign quantization_config (as SmolLM2's converted GGUF does)."""
+    from conftest import tiny_model
+
+    root = tmp_path_factory.mktemp("saved")
+    source = root / "source"
+    tiny_model("llama", vocab_size=len(tokenizer), layers=2).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    (source / "config.json").write_text(json.dumps(config))
+    dirs = {}
+    with pytest.MonkeyPatch.context() as patch:  # the stores of these models stay out of the user's cache
+        patch.setenv("SVDBENCH_CACHE", str(root / "cache"))
+        patch.setenv("SVDBENCH_STATS_CACHE", str(root / "stats"))
+        for kind, (method, options) in KINDS.items():
+            if "gptq" in kind and importlib.util.find_spec("gptqmodel") is None:
+                continue
+            out = root / kind
+            argv = ["compress", "--model", str(source), "--method", method, "--ratio", "0.5", "--out", str(out)]
+            assert main(argv + CALIBRATION + options) == 0
+            dirs[kind] = out
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def registered(saved):
+    return probe("registered", list(saved.values()))
+
+
+@pytest.mark.parametrize("kind", [k if "gptq" not in k else pytest.param(k, marks=GPTQ) for k in KINDS])
+def test_plain_transformers_load_equals_svdbench_load(saved, registered, kind):
+    row = registered[kind]
+    assert "error" not in row, row["error"]
+    assert set(row["kinds"]) == LAYERS[kind]  # svdbench's layers were built, not random dense ones
+    own = measure(load_model(str(saved[kind])).model)
+    assert row["perplexity"] == pytest.approx(own["perplexity"], rel=1e-6)
+    assert row["greedy"] == own["greedy"] and len(own["greedy"]) == 20
+    assert row["resaved"]["perplexity"] == pytest.approx(own["perplexity"], rel=1e-6)  # save_pretrained round trip
+    assert row["resaved"]["greedy"] == own["greedy"]
+
+
+def test_without_svdbench_loading_is_refused_never_random(saved, registered):
+    dirs = list(saved.values())
+    refused = probe("hidden", dirs + [Path(f"{d}-resaved") for d in dirs])
+    for directory in dirs:
+        row = refused[directory.name]
+        assert "error" in row, f"{directory.name} loaded without svdbench: {row}"
+        assert "svdbench" in row["error"] and "pip install 'svdbench[quant]'" in row["error"], row["error"]
+        # what transformers' own save_pretrained wrote: its sentinel tensor makes transformers stop on a mismatch
+        resaved = refused[f"{directory.name}-resaved"]
+        assert "error" in resaved and "ignore_mismatched_sizes" in resaved["error"], resaved
+
+
+def test_saved_config_carries_only_svdbench_quantization_config(saved):
+    for kind, directory in saved.items():
+        config = json.loads((directory / "config.json").read_text())
+        quantization = config["quantization_config"]
+        assert quantization["quant_method"] == "svdbench", kind  # the source's gguf one is gone
+        assert "gguf_file" not in json.dumps(config)
+        manifest = json.loads((directory / MANIFEST).read_text())
+        assert quantization["ranks"] == manifest["ranks"] and quantization["quantized"] == manifest["quantized"]
+        resaved = json.loads((Path(f"{directory}-resaved") / "config.json").read_text())
+        assert resaved["quantization_config"]["quant_method"] == "svdbench"
+
+
+def test_model_card_is_rendered_from_the_manifest(saved):
+    directory = saved["svdllm_quant_hqq"]
+    card = (directory / CARD).read_text()
+    manifest = json.loads((directory / MANIFEST).read_text())
+    assert card.startswith("---\nlibrary_name: transformers\n") and "- svdllm_quant" in card
+    assert f"{len(manifest['ranks'])} low-rank matrices" in card
+    assert f"{manifest['accounting']['bytes'] / 2**20:,.1f} MiB" in card
+    assert "HQQ 4-bit, groups of 64" in card and manifest["svdbench_version"] in card
+    assert "import bench.interop.hf" in card and CARD in manifest["files"]  # checksummed like every file
+    for directory in saved.values():
+        assert (directory / CARD).is_file()
+
+
+def test_a_checkpoint_that_does_not_fit_its_layout_is_refused(saved, tmp_path):
+    """Strict: a tensor missing from the checkpoint is refused, never initialized at random."""
+    import bench.interop.hf  # noqa: F401
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from bench.errors import UsageError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in saved["svdllm_w"].iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(broken / "model.safetensors")
+    dropped = next(k for k in tensors if k.endswith("q_proj.up.weight"))
+    del tensors[dropped]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match=f"lacks tensor {dropped}"):
+        AutoModelForCausalLM.from_pretrained(broken)
+    tensors = load_file(saved["svdllm_w"] / "model.safetensors")
+    tensors[dropped] = torch.zeros_like(tensors[dropped])
+    from safetensors import safe_open
+
+    with safe_open(str(saved["svdllm_w"] / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(tensors, broken / "model.safetensors", metadata=metadata)  # edited weights, the old fingerprint
+    with pytest.raises(UsageError, match="fingerprint mismatch"):
+        AutoModelForCausalLM.from_pretrained(broken)
