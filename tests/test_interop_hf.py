@@ -82,6 +82,7 @@ def registered(saved):
     return probe("registered", list(saved.values()))
 
 
+@pytest.mark.slow  # the fixture compresses seven models (about a minute on two cores)
 @pytest.mark.parametrize("kind", [k if "gptq" not in k else pytest.param(k, marks=GPTQ) for k in KINDS])
 def test_plain_transformers_load_equals_svdbench_load(saved, registered, kind):
     row = registered[kind]
@@ -94,6 +95,7 @@ def test_plain_transformers_load_equals_svdbench_load(saved, registered, kind):
     assert row["resaved"]["greedy"] == own["greedy"]
 
 
+@pytest.mark.slow  # the fixture compresses seven models (about a minute on two cores)
 def test_without_svdbench_loading_is_refused_never_random(saved, registered):
     dirs = list(saved.values())
     refused = probe("hidden", dirs + [Path(f"{d}-resaved") for d in dirs])
@@ -106,6 +108,7 @@ def test_without_svdbench_loading_is_refused_never_random(saved, registered):
         assert "error" in resaved and "ignore_mismatched_sizes" in resaved["error"], resaved
 
 
+@pytest.mark.slow  # the fixture compresses seven models (about a minute on two cores)
 def test_saved_config_carries_only_svdbench_quantization_config(saved):
     for kind, directory in saved.items():
         config = json.loads((directory / "config.json").read_text())
@@ -118,6 +121,7 @@ def test_saved_config_carries_only_svdbench_quantization_config(saved):
         assert resaved["quantization_config"]["quant_method"] == "svdbench"
 
 
+@pytest.mark.slow  # the fixture compresses seven models (about a minute on two cores)
 def test_model_card_is_rendered_from_the_manifest(saved):
     directory = saved["svdllm_quant_hqq"]
     card = (directory / CARD).read_text()
@@ -131,6 +135,7 @@ def test_model_card_is_rendered_from_the_manifest(saved):
         assert (directory / CARD).is_file()
 
 
+@pytest.mark.slow  # the fixture compresses seven models (about a minute on two cores)
 def test_a_checkpoint_that_does_not_fit_its_layout_is_refused(saved, tmp_path):
     """Strict: a tensor missing from the checkpoint is refused, never initialized at random."""
     import bench.interop.hf  # noqa: F401
@@ -158,3 +163,27 @@ def test_a_checkpoint_that_does_not_fit_its_layout_is_refused(saved, tmp_path):
     save_file(tensors, broken / "model.safetensors", metadata=metadata)  # edited weights, the old fingerprint
     with pytest.raises(UsageError, match="fingerprint mismatch"):
         AutoModelForCausalLM.from_pretrained(broken)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and transformers: about 40 s on two shared cores
+def test_quick_round_trip_and_refusal_in_fresh_processes(tiny, tmp_path):
+    """The fast version of the tests above: a low-rank model with HQQ factors, saved by svdbench."""
+    from bench import factorize, uniform_ranks
+    from bench.engine.compress import compress_model
+    from bench.model.saving import save_compressed
+    from bench.model.targets import find_targets
+    from methods.hybrid import quantize_targets
+
+    targets = find_targets(tiny.model)
+    factors = {t.name: factorize(tiny.model.get_submodule(t.name).weight) for t in targets}
+    model, _ = compress_model(tiny.model, targets, factors, uniform_ranks(targets, 0.5))
+    quantize_targets(model, [t.name for t in targets], 4, 64, "float16")  # both factors of every target
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "source.gguf"}  # a stale one
+    out = save_compressed(model, tiny.tokenizer, tmp_path / "m", {"method": "svd", "ratio": 0.5})
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "svdbench"
+    row = probe("registered", [out])["m"]
+    own = measure(load_model(str(out)).model)
+    assert set(row["kinds"]) == {"LowRankLinear", "QuantizedLinear"}
+    assert row["perplexity"] == pytest.approx(own["perplexity"], rel=1e-6) and row["greedy"] == own["greedy"]
+    refused = probe("hidden", [out])["m"]
+    assert "svdbench" in refused.get("error", "") and "pip install" in refused["error"], refused
