@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
+from bench.model.hf_format import FINGERPRINT, FORMAT, write_config
 from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.quantized import BITS, GPTQ_GROUP_SIZES, META_DTYPES, GPTQLinear, QuantizedLinear
@@ -69,7 +70,6 @@ from bench.storage import (
 
 MANIFEST = "svdbench.json"
 WEIGHTS = "model.safetensors"
-FORMAT = 2
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 TENSOR_DTYPES = (*FLOAT_DTYPES, "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
 IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -327,7 +327,6 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
 
     from safetensors.torch import save_model
 
-    from bench.interop.hf import FINGERPRINT, save_config
     from bench.model.card import CARD, render_card
 
     out = Path(out_dir)
@@ -342,14 +341,14 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
         try:
             with guarded(tmp, need):
                 tmp.mkdir()
-                save_config(model, tmp)  # svdbench's quantization_config, never the source's
+                ranks, quantized = compressed_layout(model)
+                dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                write_config(model.config, tmp, ranks, quantized, dtype)  # svdbench's quantization_config only
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
                 weights = fingerprint(model)
                 save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})  # tied: once
-            ranks, quantized = compressed_layout(model)
-            full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"),
-                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"), "dtype": dtype,
                     "ranks": ranks, "quantized": quantized, "fingerprint": weights}
             atomic_write_text(tmp / CARD, render_card(json.loads(json.dumps(full, default=str))))
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
