@@ -138,10 +138,10 @@ def test_model_card_is_rendered_from_the_manifest(saved):
 @pytest.mark.slow  # the fixture compresses seven models (about a minute on two cores)
 def test_a_checkpoint_that_does_not_fit_its_layout_is_refused(saved, tmp_path):
     """Strict: a tensor missing from the checkpoint is refused, never initialized at random."""
-    import bench.interop.hf  # noqa: F401
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
+    import bench.interop.hf  # noqa: F401
     from bench.errors import UsageError
 
     broken = tmp_path / "broken"

@@ -39,9 +39,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bench.errors import UsageError
-from bench.model.loaded import fingerprint
 from bench.model.hf_format import FINGERPRINT, FORMAT, GUARD, QUANT_METHOD, hf_quantization_config
+from bench.model.loaded import fingerprint
 from bench.model.saving import compressed_layout, rebuild, validate_layout
+
 
 class SvdbenchConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config``: the compressed layout of the saved weights."""
