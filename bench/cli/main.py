@@ -202,7 +202,8 @@ def _compress(args, registry) -> int:
                 "facts": compressed.facts, "versions": package_versions(), "timings": workspace.timings}
     out = save_compressed(compressed.model, loaded.tokenizer, args.out, manifest, force=args.force)
     print(f"wrote {out}: {args.method} at ratio {ratio}, {summary['params']} parameters, {summary['bytes']} bytes "
-          f"(dense {summary['dense_params']} / {summary['dense_bytes']})")
+          f"(dense {summary['dense_params']} / {summary['dense_bytes']}); load it with --model {out}, or in "
+          "transformers after `import bench.interop.hf` (see its README.md)")
     return 0
 
 
