@@ -27,7 +27,7 @@ GPTQ = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                           reason="the gptq extra is not installed: pip install 'svdbench[gptq]'")
 # every kind of model svdbench saves: low-rank (plain, whitened, updated), low-rank + quantized factors, quantized
 KINDS = {
-    "svd": ("svd", []),
+    "svd": ("svd", ["--tasks", "wikitext2", "--limit", "1", "--seqlen", "64"]),  # measured before saving
     "svdllm_w": ("svdllm_w", []),
     "svdllm": ("svdllm", ["--method-option", "svdllm.update_steps=1", "--method-option", "svdllm.batch_size=1",
                           "--method-option", "svdllm.eval_examples=1", "--method-option", "svdllm.cutoff=32"]),
@@ -131,8 +131,12 @@ def test_model_card_is_rendered_from_the_manifest(saved):
     assert f"{manifest['accounting']['bytes'] / 2**20:,.1f} MiB" in card
     assert "HQQ 4-bit, groups of 64" in card and manifest["svdbench_version"] in card
     assert "import bench.interop.hf" in card and CARD in manifest["files"]  # checksummed like every file
+    assert "Nothing was measured" in card
     for directory in saved.values():
         assert (directory / CARD).is_file()
+    measured = json.loads((saved["svd"] / MANIFEST).read_text())["evaluations"]
+    assert [(e["task"], e["metric"]) for e in measured] == [("wikitext2", "perplexity")]
+    assert f"| wikitext2 | perplexity | {measured[0]['value']:.4g} |" in (saved["svd"] / CARD).read_text()
 
 
 @pytest.mark.slow  # the fixture compresses seven models (about a minute on two cores)
@@ -187,3 +191,20 @@ def test_quick_round_trip_and_refusal_in_fresh_processes(tiny, tmp_path):
     assert row["perplexity"] == pytest.approx(own["perplexity"], rel=1e-6) and row["greedy"] == own["greedy"]
     refused = probe("hidden", [out])["m"]
     assert "svdbench" in refused.get("error", "") and "pip install" in refused["error"], refused
+
+
+@pytest.mark.real_model
+@pytest.mark.slow  # quantizes SmolLM2-135M and loads it in a fresh process: about two minutes on two cores
+def test_smollm2_saved_without_its_stale_gguf_config_loads_in_plain_transformers(tmp_path):
+    from bench.model.loading import load_model as load
+
+    source = load("smollm2-135m")
+    assert json.loads((source.checkpoint / "config.json").read_text())["quantization_config"]["quant_method"] == "gguf"
+    out = tmp_path / "hqq"
+    assert main(["compress", "--model", "smollm2-135m", "--method", "hqq", "--ratio", "0.4", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "svdbench" and "gguf" not in json.dumps(config)
+    row = probe("registered", [out])["hqq"]
+    own = measure(load_model(str(out)).model)
+    assert row["kinds"] == ["QuantizedLinear"]
+    assert row["perplexity"] == pytest.approx(own["perplexity"], rel=1e-6) and row["greedy"] == own["greedy"]

@@ -50,8 +50,8 @@ def render_card(manifest: dict) -> str:
              "tags:", "- svdbench", "- low-rank", f"- {method}", "---", ""]
     ratio_text = f"{ratio:g}" if isinstance(ratio, (int, float)) else "unknown"
     body = [f"# {method} at ratio {ratio_text} of {base or spec}", "",
-            f"Compressed by svdbench {manifest.get('svdbench_version', 'unknown')} with `{method}`, removing "
-            f"{ratio_text} of each compressed matrix's parameters ({manifest.get('ratio_definition', '')}).", "",
+            f"Compressed by svdbench {manifest.get('svdbench_version', 'unknown')} with `{method}` at ratio "
+            f"{ratio_text} (the {manifest.get('ratio_definition') or 'fraction of parameters removed'}).", "",
             "## Model", "",
             f"- base model: {base or spec} (svdbench spec `{spec}`, identity `{str(source.get('identity', ''))[:16]}`)",
             f"- method: `{method}`, settings `{manifest.get('config')}`",
