@@ -75,7 +75,14 @@ def write_task_configs(directory: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's CLI with svdbench's quantizer registered and its vendored tasks on the include path."""
+    """lm-eval's CLI with svdbench's quantizer registered and its vendored tasks on the include path.
+
+    svdbench's thread policy comes first (before torch loads OpenMP): OpenMP workers that spin while another
+    process shares the cores make evaluation many times slower (see bench/threads.py).
+    """
+    from bench.threads import configure
+
+    configure()
     _offline()
     argv = list(sys.argv[1:] if argv is None else argv)
     import bench.interop.hf  # noqa: F401  (registers the svdbench quantization method)
