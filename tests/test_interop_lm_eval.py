@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import EvalSettings, factorize, uniform_ranks
+from bench import factorize, uniform_ranks
+from bench.cli import main
 from bench.engine.compress import compress_model
-from bench.model.loading import load_model
 from bench.model.saving import save_compressed
 from bench.model.targets import find_targets
 
@@ -28,22 +28,24 @@ def saved(tiny, tmp_path):
     return save_compressed(model, tiny.tokenizer, tmp_path / "m", {"method": "svd", "ratio": 0.5})
 
 
-def svdbench_accuracy(registry, directory: Path) -> dict[str, float]:
-    loaded = load_model(str(directory))
-    settings = EvalSettings(limit=LIMIT, batch_size=1)
-    return {name: next(m.value for m in registry.get("task", name).evaluate(loaded.model, loaded.tokenizer, settings)
-                       if m.metric == "acc") for name in TASKS}
+def svdbench_accuracy(directory: Path, out: Path) -> dict[str, float]:
+    """svdbench's own zero-shot records of the saved model (``svdbench run --model DIR --methods none``)."""
+    assert main(["run", "--model", str(directory), "--methods", "none", "--tasks", ",".join(TASKS),
+                 "--limit", str(LIMIT), "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    return {r["task"]: r["value"] for r in records if r["metric"] == "acc"}
 
 
 @pytest.mark.slow  # three zero-shot evaluations and a fresh lm-eval process: about a minute on two cores
-def test_lm_eval_cli_and_simple_evaluate_match_svdbench_zero_shot(saved, registry, tmp_path):
+def test_lm_eval_cli_and_simple_evaluate_match_svdbench_zero_shot(saved, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     import bench.interop.hf  # noqa: F401
     from bench.interop.lm_eval import PREFIX, write_task_configs
 
-    expected = svdbench_accuracy(registry, saved)
+    expected = svdbench_accuracy(saved, tmp_path / "run")
+    assert set(expected) == set(TASKS)
     configs = write_task_configs(tmp_path / "configs")
     names = [PREFIX + name for name in TASKS]
     results = simple_evaluate(model="hf", model_args=f"pretrained={saved}", tasks=names, limit=LIMIT, batch_size=1,
@@ -72,3 +74,16 @@ def test_task_configs_include_lm_evals_own_yaml_and_the_vendored_documents(regis
     assert documents == registry.get("task", "piqa").documents()
     arc = json.loads((configs / f"{PREFIX}arc_easy.yaml").read_text())
     assert arc["test_split"] == "test" and arc["validation_split"] is None and arc["training_split"] is None
+
+
+def test_svdbenchs_own_load_is_plain_to_lm_eval(saved):
+    """The in-memory config of svdbench's own load carries no quantization method: lm-eval's HFLM (svdbench's
+    zero-shot tasks) would look it up, and a process need not have registered svdbench's quantizer."""
+    from lm_eval.models.huggingface import HFLM
+
+    from bench.model.loading import load_model
+
+    loaded = load_model(str(saved))
+    assert getattr(loaded.model.config, "quantization_config", None) is None
+    assert getattr(loaded.model.config, "transformers_weights", None) is None
+    HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1)

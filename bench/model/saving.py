@@ -506,6 +506,9 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     _verify_files(path, manifest)
     try:
         config = AutoConfig.from_pretrained(path)
+        for key in ("quantization_config", "transformers_weights"):  # for transformers' loader, not this one:
+            if hasattr(config, key):  # lm-eval's HFLM would look the method up, and svdbench need not register it
+                delattr(config, key)
         saved_dtype = getattr(torch, manifest["dtype"])
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
     except (OSError, ValueError, KeyError, TypeError) as error:
