@@ -77,3 +77,14 @@ def test_readme_example_runs(checkpoint_dir, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     readme = (ROOT / "README.md").read_text()
     assert "examples/compress_in_memory.py" in readme
+
+
+def test_a_config_object_and_a_mapping_of_options_make_the_same_method(tiny):
+    from methods.hybrid import HybridConfig
+
+    windows = torch.randint(0, TINY_VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    by_object, facts = compress(tiny.model, "svdllm_quant", ratio=0.5, calibration=windows, config=HybridConfig(bits=3))
+    by_options, same = compress(tiny.model, "svdllm_quant", ratio=0.5, calibration=windows, config={"bits": 3})
+    assert facts["config"] == same["config"] and facts["config"]["bits"] == 3
+    assert torch.equal(logits(by_object), logits(by_options))
+    assert facts["bytes"] < compress(tiny.model, "svdllm_quant", ratio=0.5, calibration=windows)[1]["bytes"]  # 3 < 4 bits
