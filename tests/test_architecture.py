@@ -11,7 +11,7 @@ at module level or inside a function - is read with ``ast``. The rules:
   (``bench.errors``, ``bench.storage``, ``bench.corpora``, ``bench.memory``, ``bench.interrupts``, ``bench.threads``) < the model layer
   (``bench.model``) < the plugin API (``bench.api``, re-exported by
   ``bench``) < the engine (``bench.engine``) < the command line
-  (``bench.cli``); no host module imports the ``bench`` facade;
+  (``bench.cli``) and the interop layer (``bench.interop``); no host module imports the ``bench`` facade;
 - no module imports itself through a circle.
 """
 
@@ -25,7 +25,7 @@ PACKAGES = ("bench", "methods", "tasks", "reports")
 PLUGIN_PACKAGES = ("methods", "tasks", "reports")
 LAYERS = (("bench.errors", "bench.storage", "bench.corpora", "bench.memory", "bench.interrupts",
            "bench.threads"), ("bench.model",), ("bench.api", "bench"),
-          ("bench.engine",), ("bench.cli",))
+          ("bench.engine",), ("bench.cli", "bench.interop"))
 
 
 def module_name(path: Path) -> str:

@@ -107,6 +107,10 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     compress.add_argument("--out", required=True, help="directory to write (new or empty); load it back with --model DIR")
     compress.add_argument("--force", action="store_true",
                           help="replace --out when it already holds a model saved by svdbench")
+    compress.add_argument("--tasks", default=SUPPRESS, help="evaluate these tasks on the compressed model before "
+                          "saving it (e.g. wikitext2); the numbers go into the manifest and the model card")
+    compress.add_argument("--limit", default=SUPPRESS, help="with --tasks: the first N windows/examples of each task")
+    compress.add_argument("--seqlen", default=SUPPRESS, help="with --tasks: perplexity window length (default 2048)")
     _calibration_flags(compress)
 
     sub.add_parser("plugins", help="print the loaded plugins, their hooks and versions as JSON")
@@ -205,9 +209,16 @@ def _compress(args, registry) -> int:
                                  "identity": loaded.identity, **loaded.info},
                 "ratio_definition": RATIO_DEFINITION, "accounting": summary, "layers": compressed.layers,
                 "facts": compressed.facts, "versions": package_versions(), "timings": workspace.timings}
+    if "tasks" in vars(args):  # measured before saving, so the model card can show it
+        manifest["evaluations"] = [
+            {"task": name, "metric": m.metric, "value": m.value,
+             "settings": {"limit": workspace.settings.limit, "seqlen": workspace.settings.seqlen}}
+            for name in config.tasks for m in registry.get("task", name).evaluate(
+                compressed.model, loaded.tokenizer, workspace.settings)]
     out = save_compressed(compressed.model, loaded.tokenizer, args.out, manifest, force=args.force)
     print(f"wrote {out}: {args.method} at ratio {ratio}, {summary['params']} parameters, {summary['bytes']} bytes "
-          f"(dense {summary['dense_params']} / {summary['dense_bytes']})")
+          f"(dense {summary['dense_params']} / {summary['dense_bytes']}); load it with --model {out}, or in "
+          "transformers after `import bench.interop.hf` (see its README.md)")
     return 0
 
 

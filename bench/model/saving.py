@@ -4,8 +4,12 @@ A saved model is a directory::
 
     model.safetensors   every tensor (factors, packed quantized weights, scales,
                         zero points, the uncompressed embeddings, head, norms)
-    config.json         the base architecture (Hugging Face config)
+    config.json         the base architecture (Hugging Face config), with svdbench's
+                        ``quantization_config`` (the compressed layout) in place of any
+                        the source had: plain transformers loads it through
+                        :mod:`bench.interop.hf`, and refuses it without svdbench
     tokenizer files     as written by ``tokenizer.save_pretrained``
+    README.md           the model card, rendered from the manifest (:mod:`bench.model.card`)
     svdbench.json       the manifest (below), written last
 
 The manifest records the method, its config, the ratio, every compressed
@@ -47,6 +51,7 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
+from bench.model.hf_format import FINGERPRINT, FORMAT, write_config
 from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.prepare import prepare_model
@@ -66,7 +71,6 @@ from bench.storage import (
 
 MANIFEST = "svdbench.json"
 WEIGHTS = "model.safetensors"
-FORMAT = 2
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 TENSOR_DTYPES = (*FLOAT_DTYPES, "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
 IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -273,7 +277,7 @@ register_layout(GPTQLayout())
 
 # --------------------------------------------------------------------------- saving
 
-def _layout(model: nn.Module) -> tuple[dict[str, int], dict[str, dict]]:
+def compressed_layout(model: nn.Module) -> tuple[dict[str, int], dict[str, dict]]:
     """Ranks of every LowRankLinear and the manifest entry of every quantized linear."""
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     quantized = {}
@@ -324,6 +328,8 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
 
     from safetensors.torch import save_model
 
+    from bench.model.card import CARD, render_card
+
     out = Path(out_dir)
     if not hasattr(model, "config"):
         raise UsageError("save_compressed needs a Hugging Face model (with .config) to record its architecture")
@@ -336,16 +342,18 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
         try:
             with guarded(tmp, need):
                 tmp.mkdir()
-                model.config.save_pretrained(tmp)
+                ranks, quantized = compressed_layout(model)
+                dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                write_config(model.config, tmp, ranks, quantized, dtype)  # svdbench's quantization_config only
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
-                save_model(model, str(tmp / WEIGHTS), metadata={"format": "svdbench"})  # tied tensors stored once
+                weights = fingerprint(model)
+                save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})  # tied: once
+            full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"), "dtype": dtype,
+                    "ranks": ranks, "quantized": quantized, "fingerprint": weights}
+            atomic_write_text(tmp / CARD, render_card(json.loads(json.dumps(full, default=str))))
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            ranks, quantized = _layout(model)
-            full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"),
-                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                    "ranks": ranks, "quantized": quantized, "fingerprint": fingerprint(model),
-                    "weights": {WEIGHTS: files[WEIGHTS]}, "files": files}
+            full.update({"weights": {WEIGHTS: files[WEIGHTS]}, "files": files})
             full = seal(json.loads(json.dumps(full, default=str)))  # a checksum of the manifest itself
             atomic_write_text(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True))  # written last
             _verify_files(tmp, validate_manifest(tmp, json.loads((tmp / MANIFEST).read_text())))
@@ -390,19 +398,24 @@ def validate_manifest(path: Path, manifest) -> dict:
         _check(isinstance(digest, str) and bool(_SHA256.fullmatch(digest)), where, f"checksum of {name!r} is not a sha256")
     _check(WEIGHTS in files and "config.json" in files, where, f"files must list {WEIGHTS} and config.json")
     _check(manifest["weights"] == {WEIGHTS: files[WEIGHTS]}, where, f"weights must be {{{WEIGHTS!r}: its checksum}}")
-    _check(isinstance(manifest["ranks"], dict), where, "ranks must map module names to ranks")
-    for name, rank in manifest["ranks"].items():
+    validate_layout(manifest, where)
+    return manifest
+
+
+def validate_layout(layout: dict, where: str) -> None:
+    """Check the ``ranks`` and ``quantized`` entries of a manifest (or of a quantization config) against the schema."""
+    _check(isinstance(layout.get("ranks"), dict), where, "ranks must map module names to ranks")
+    for name, rank in layout["ranks"].items():
         _check(isinstance(name, str) and bool(_MODULE_PATH.fullmatch(name)) and "__" not in name, where,
                f"module name {name!r} is not a module path")
         _check(_is_int(rank, 1), where, f"rank of {name} ({rank!r}) is not a positive integer")
-    _check(isinstance(manifest["quantized"], dict), where, "quantized must map module names to layouts")
-    for name, entry in manifest["quantized"].items():
+    _check(isinstance(layout.get("quantized"), dict), where, "quantized must map module names to layouts")
+    for name, entry in layout["quantized"].items():
         _check(isinstance(name, str) and bool(_MODULE_PATH.fullmatch(name)) and "__" not in name, where,
                f"module name {name!r} is not a module path")
         _check(isinstance(entry, dict) and entry.get("quantizer") in QUANTIZED_LAYOUTS, where,
                f"{name}: quantizer {entry.get('quantizer') if isinstance(entry, dict) else entry!r} is not one of "
                f"{', '.join(QUANTIZED_LAYOUTS)}")
-    return manifest
 
 
 def _verify_files(path: Path, manifest: dict) -> None:
@@ -417,9 +430,13 @@ def _verify_files(path: Path, manifest: dict) -> None:
                                 f"{digest[:12]}...); re-create it with svdbench compress")
 
 
-def _rebuild(model: nn.Module, manifest: dict, where: str) -> None:
-    """Give ``model`` the compressed structure recorded in the manifest (empty weights), checking it fits."""
-    dtype = getattr(torch, manifest["dtype"])
+def rebuild(model: nn.Module, manifest: dict, where: str, dtype: torch.dtype | None = None) -> None:
+    """Give ``model`` the compressed structure recorded in the manifest (empty weights), checking it fits.
+
+    ``dtype`` is that of the low-rank factors (default: the saved one); quantized layers keep their recorded
+    tensor dtypes.
+    """
+    dtype = dtype or getattr(torch, manifest["dtype"])
 
     def dense_at(name: str, what: str) -> nn.Module:
         try:
@@ -490,12 +507,15 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     _verify_files(path, manifest)
     try:
         config = AutoConfig.from_pretrained(path)
+        for key in ("quantization_config", "transformers_weights"):  # for transformers' loader, not this one:
+            if hasattr(config, key):  # lm-eval's HFLM would look the method up, and svdbench need not register it
+                delattr(config, key)
         saved_dtype = getattr(torch, manifest["dtype"])
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
         prepare_model(model)  # saved as the engine held it: every matrix an nn.Linear
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ManifestError(f"cannot build the architecture of {path / 'config.json'}: {error}") from None
-    _rebuild(model, manifest, str(path / MANIFEST))
+    rebuild(model, manifest, str(path / MANIFEST))
     _check_header(path / WEIGHTS, model)
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
