@@ -132,6 +132,14 @@ def test_renamed_and_restructured_checkpoints_run_compress_and_reload(family, tm
     reloaded = _run(["run", "--model", str(tmp_path / "saved"), "--methods", "none", "--out", str(tmp_path / "again"),
                      *SMALL])
     assert _value(reloaded, "dense") == pytest.approx(_value(results, "svdllm_w"), rel=1e-6)
+    import bench.interop.hf  # noqa: F401  (registers the quantizer: plain transformers loads it the same)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ours = load_model(str(tmp_path / "saved")).model
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, ours(ids).logits)
 
 
 def test_a_checkpoint_is_assembled_from_only_where_its_names_and_shapes_are_the_models(tmp_path, tokenizer):

@@ -110,6 +110,8 @@ class SvdbenchQuantizer(HfQuantizer):
         layout = self.quantization_config.layout()
         floating = self._dtype if isinstance(self._dtype, torch.dtype) else None
         rebuild(model, layout, where, dtype=floating)
+        for name in [*layout["ranks"], *layout["quantized"]]:  # a parent's own init (GPT-2 scales each block's
+            model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True  # c_proj) expects a dense weight
         skip = sentinel(self.quantization_config)[0]
         model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()), re.escape(skip)}
         if checkpoint_files:

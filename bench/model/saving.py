@@ -316,6 +316,20 @@ def check_output_directory(out: Path | str, force: bool, source: Path | None = N
     return out
 
 
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each storage once, under its first name (tied embeddings: the input embedding's, which
+    transformers ties the head to on load), contiguous."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device.type, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.contiguous()
+    return out
+
+
 def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, force: bool = True) -> Path:
     """Write ``model`` (safetensors), its config, tokenizer and ``svdbench.json`` to ``out_dir``, atomically.
 
@@ -326,7 +340,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
     """
     from importlib.metadata import version
 
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from bench.model.card import CARD, render_card
 
@@ -348,7 +362,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
                 weights = fingerprint(model)
-                save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})  # tied: once
+                save_file(_unique_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})
             full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"), "dtype": dtype,
                     "ranks": ranks, "quantized": quantized, "fingerprint": weights}
             atomic_write_text(tmp / CARD, render_card(json.loads(json.dumps(full, default=str))))
@@ -437,6 +451,7 @@ def rebuild(model: nn.Module, manifest: dict, where: str, dtype: torch.dtype | N
     tensor dtypes.
     """
     dtype = dtype or getattr(torch, manifest["dtype"])
+    prepare_model(model)  # the architecture as the engine held it when saving: every matrix an nn.Linear
 
     def dense_at(name: str, what: str) -> nn.Module:
         try:
@@ -512,7 +527,6 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> Loa
                 delattr(config, key)
         saved_dtype = getattr(torch, manifest["dtype"])
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
-        prepare_model(model)  # saved as the engine held it: every matrix an nn.Linear
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ManifestError(f"cannot build the architecture of {path / 'config.json'}: {error}") from None
     rebuild(model, manifest, str(path / MANIFEST))
