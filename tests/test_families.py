@@ -132,8 +132,9 @@ def test_renamed_and_restructured_checkpoints_run_compress_and_reload(family, tm
     reloaded = _run(["run", "--model", str(tmp_path / "saved"), "--methods", "none", "--out", str(tmp_path / "again"),
                      *SMALL])
     assert _value(reloaded, "dense") == pytest.approx(_value(results, "svdllm_w"), rel=1e-6)
-    import bench.interop.hf  # noqa: F401  (registers the quantizer: plain transformers loads it the same)
     from transformers import AutoModelForCausalLM
+
+    import bench.interop.hf  # noqa: F401  (registers the quantizer: plain transformers loads it the same)
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     ours = load_model(str(tmp_path / "saved")).model
