@@ -58,13 +58,19 @@ def table1_block() -> list[str]:
             f"average accuracy over six tasks {pub['dense']['avg_acc']}. {pub['source']}."]
 
 
+def _measured_wikitext2(data: dict) -> dict[tuple[str, float], float]:
+    """This run's WikiText-2 perplexity by (method, ratio), parameter ratios only (no budgets, no bits)."""
+    df = frame(data)
+    chosen = df[(df["task"] == "wikitext2") & (df["kind"] == "perplexity") & df["budget"].isna() & df["bits"].isna()]
+    return {(method, round(ratio, 4)): value
+            for method, ratio, value in zip(chosen["method"], chosen["ratio"], chosen["value"])}
+
+
 def ordering_agreement(data: dict) -> list[str]:
     """Per ratio measured in both: the measured and the published WikiText-2 orderings of the shared methods."""
     measured: dict[float, dict[str, float]] = {}
-    df = frame(data)
-    chosen = df[(df["task"] == "wikitext2") & (df["kind"] == "perplexity") & df["budget"].isna() & df["bits"].isna()]
-    for ratio, method, value in zip(chosen["ratio"], chosen["method"], chosen["value"]):
-        measured.setdefault(round(ratio, 4), {})[method] = value
+    for (method, ratio), value in _measured_wikitext2(data).items():
+        measured.setdefault(ratio, {})[method] = value
     published: dict[float, dict[str, float]] = {}
     for method, points in table1_curves().items():
         for ratio, value in points:
@@ -81,6 +87,24 @@ def ordering_agreement(data: dict) -> list[str]:
     if lines:
         lines.insert(0, "Ordering by WikiText-2 perplexity (best first), methods measured in both:")
     return lines
+
+
+def generation_2025_block(data: dict) -> list[str]:
+    """The 2025 generation's published numbers (PUBLISHED.md Part 2), each beside this run's value when measured."""
+    gen = load_published()["generation_2025"]
+    measured = _measured_wikitext2(data)
+    rows, notes = [], []
+    for row in gen["rows"]:
+        note = row.get("note", "")
+        if note and note not in notes:
+            notes.append(note)
+        mark = f" [{notes.index(note) + 1}]" if note else ""
+        rows.append([row["source"] + mark, row["model"], row["method"], f"{row['ratio']:.0%}", row.get("wikitext2"),
+                     row.get("c4"), row.get("avg_acc"), measured.get((row["method"], round(row["ratio"], 4)))])
+    header = ["source", "model", "method", "ratio", "wikitext2 ppl ↓", "c4 ppl ↓", "avg acc ↑",
+              "measured here: wikitext2 ppl ↓"]
+    return ["### Published: the 2025 generation (7B-class models)", "", _table(header, rows), "",
+            f"- {gen['note']}", *[f"- [{i}] {note}." for i, note in enumerate(notes, 1)]]
 
 
 def ablation_block() -> list[str]:
@@ -112,7 +136,7 @@ def blocks_beside(table_name: str, data: dict) -> list[str]:
     """Markdown lines of the published block that belongs next to measured table ``table_name``."""
     if table_name == "table1":
         agreement = ordering_agreement(data)
-        return ["", *table1_block(), *([""] + agreement if agreement else [])]
+        return ["", *table1_block(), *([""] + agreement if agreement else []), "", *generation_2025_block(data)]
     builders = {"ablation": ablation_block, "budget": budget_block, "quantization": quantization_block,
                 "throughput": throughput_block}
     return ["", *builders[table_name]()] if table_name in builders else []
@@ -137,6 +161,10 @@ def write_published_csv(path: Path) -> Path:
              for r in pub["budget"]["rows"]]
     rows += [["table8", pub["model"], f"{r['method']} @ {r['memory_gb']} GB", None, "wikitext2 perplexity",
               r["perplexity"]] for r in pub["quantization"]["rows"]]
+    for r in pub["generation_2025"]["rows"]:
+        rows += [[r["source"], r["model"], r["method"], r["ratio"], metric, r[key]]
+                 for key, metric in (("wikitext2", "wikitext2 perplexity"), ("c4", "c4 perplexity"),
+                                     ("avg_acc", "avg acc")) if key in r]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["table", "model", "method", "ratio", "metric", "value"])

@@ -9,8 +9,9 @@ import pytest
 from synthetic_results import AVERAGE, COMPONENTS, ZERO_SHOT, accuracy, degraded, perplexity, synthetic_results
 
 from bench.cli import main
+from reports.format import fmt
 from reports.plots import pareto_front
-from reports.published import load_published, ordering_agreement, table1_curves
+from reports.published import generation_2025_block, load_published, ordering_agreement, table1_curves
 from reports.report import render_markdown, write_report
 from reports.tables import build_tables
 from tasks.zeroshot import PAPER_TASKS
@@ -135,6 +136,21 @@ def test_with_published_block_and_ordering(tmp_path):
     assert published_csv in paths
     rows = _csv_rows(published_csv)
     assert {"table1", "table4", "tables2-3", "table7", "table8"} <= {r["table"] for r in rows}
+    assert "ZS-SVD project page" in {r["table"] for r in rows}
+
+
+def test_generation_2025_block_sits_beside_measured_values():
+    """Every Part-2 row is printed; a row whose method and ratio were measured shows the measured value."""
+    data = synthetic_results(ratios=(0.2, 0.4, 0.6))
+    block = "\n".join(generation_2025_block(data))
+    measured = {(r["method"], r["ratio"]): r["value"] for r in data["records"]
+                if r["task"] == "wikitext2" and r["kind"] == "perplexity" and not r.get("budget") and not r.get("bits")}
+    svdllm_row = next(line for line in block.splitlines() if line.startswith("| AdaSVD Table 1")
+                      and "| svdllm | 40% |" in line)
+    assert svdllm_row.rstrip(" |").endswith(fmt(measured[("svdllm", 0.4)]))
+    rows = load_published()["generation_2025"]["rows"]
+    assert sum(line.startswith("| ") for line in block.splitlines()) == len(rows) + 1  # + header
+    assert all(row["ratio"] > 0 and row["method"] and row["model"] for row in rows)
 
 
 def test_published_data_is_consistent():
