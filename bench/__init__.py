@@ -16,10 +16,13 @@ import importlib
 # use (PEP 562), so `import bench` - and the `svdbench` command, which must set
 # its thread policy before torch starts - does not import torch.
 _API = {
+    **dict.fromkeys(('Allocation', 'Budget', 'MatrixCost', 'as_allocation', 'bisect_scalar', 'greedy_steps',
+                     'matrix_costs', 'round_ranks', 'solve_budget', 'truncation_curve', 'uniform_ranks',
+                     'water_fill'), "bench.api.allocation"),
     **dict.fromkeys(('build_config', 'config_dict'), "bench.api.configs"),
     **dict.fromkeys(('Command', 'hookimpl'), "bench.api.hookspecs"),
     **dict.fromkeys(('Diagonal', 'Eigen', 'Factorization', 'Identity', 'LowerTriangular', 'RightTransform', 'cholesky_whitening', 'eigen_whitening', 'factorize', 'is_worth_factorizing', 'rank_for_ratio'), "bench.api.lowrank"),
-    **dict.fromkeys(('Allocation', 'Context', 'Method', 'NoConfig', 'PaperNotes', 'uniform_ranks'), "bench.api.method"),
+    **dict.fromkeys(('Context', 'Method', 'NoConfig', 'PaperNotes'), "bench.api.method"),
     **dict.fromkeys(('DENSE', 'RESULTS_FILE', 'Record', 'format_budget', 'format_point', 'load_results'), "bench.api.record"),
     **dict.fromkeys(('CalibrationStats', 'Statistic'), "bench.api.statistic"),
     **dict.fromkeys(('METRIC_KINDS', 'EvalSettings', 'Measurement', 'Metric', 'Task'), "bench.api.task"),

@@ -11,9 +11,10 @@ rule). For every compressed linear and every candidate kept fraction ``p`` in
 perplexity is measured with only that linear truncated. All ``(linear, p)``
 pairs are sorted by perplexity, least harmful first; a prefix of that list is
 "allowed" and every linear takes the smallest ``p`` allowed for it (dense if
-none). A binary search finds the shortest prefix whose kept parameters fit the
-budget, which is the uniform rank formula's parameter count at the target
-ratio (so every method is compared at the same size). The reference stops
+none). The shortest prefix whose kept parameters fit the budget - the uniform
+rank formula's parameter count at the target ratio, so every method is
+compared at the same size - is found by the API's shared step walk
+(``bench.greedy_steps``, the reference's binary search gives the same prefix). The reference stops
 there, which can undershoot the budget by a whole candidate step of one
 matrix; here the matrix whose pair crossed the budget gets the leftover back
 as rank (never more than it had before that pair), so the total lies within
@@ -73,19 +74,22 @@ from tqdm.auto import tqdm
 
 from bench import (
     Allocation,
+    Budget,
     Context,
     Diagonal,
     Factorization,
     JsonCache,
+    MatrixCost,
     Method,
     PaperNotes,
     Target,
     UsageError,
     decoder_blocks,
     factorize,
+    greedy_steps,
     hookimpl,
-    is_worth_factorizing,
     linear_function,
+    matrix_costs,
     onednn_linears,
     rank_for_ratio,
     uniform_ranks,
@@ -135,8 +139,7 @@ def kept_rank(target: Target, kept: float) -> int:
 
 def stored_params(target: Target, rank: int | None) -> int:
     """Weight parameters of the matrix at ``rank`` (``None``: dense, as is a rank not worth factorizing)."""
-    m, n = target.out_features, target.in_features
-    return rank * (m + n) if rank is not None and is_worth_factorizing(m, n, rank) else m * n
+    return MatrixCost.of(target).params(rank)
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -360,51 +363,34 @@ def measure_sensitivity(model: nn.Module, targets: list[Target], factorizations:
 # --------------------------------------------------------------------------- allocation
 
 def sensitivity_ranks(targets: list[Target], table: dict[str, dict[str, float]], budget: int) -> dict[str, int | None]:
-    """Ranks from the sorted (linear, kept) pairs and a binary-searched threshold; ``None`` = dense.
+    """Ranks from the sorted (linear, kept) pairs and a threshold; ``None`` = dense.
 
-    Returns the ranks of the shortest prefix of least-harmful pairs whose
-    parameters fit ``budget``, with the leftover given back to the matrix at
-    the threshold. Raises ``ValueError`` when even every pair does not fit.
+    The ranks of the shortest prefix of least-harmful pairs whose parameters
+    fit ``budget``, with the leftover given back to the matrix at the
+    threshold. Found by the shared step walk (:func:`bench.greedy_steps`):
+    from every linear at its smallest candidate, undo the pairs, most harmful
+    first, while the budget allows (the totals of the prefixes only fall as
+    they grow, so this stops at the shortest prefix that fits); the pair it
+    stops at is undone as far as whole ranks fit. Raises ``UsageError``
+    when even every pair does not fit.
     """
     by_name = {t.name: t for t in targets}
     order = {t.name: i for i, t in enumerate(targets)}
     pairs = sorted(((name, float(kept), ppl) for name, row in table.items() for kept, ppl in row.items()),
                    key=lambda p: (p[2], -p[1], order[p[0]]))
-
-    def ranks_for(prefix: int) -> dict[str, int | None]:
-        kept: dict[str, float] = {}
-        for name, p, _ in pairs[:prefix]:
-            kept[name] = min(kept.get(name, 1.0), p)
-        return {t.name: kept_rank(t, kept[t.name]) if t.name in kept else None for t in targets}
-
-    def total(ranks: dict[str, int | None]) -> int:
-        return sum(stored_params(by_name[name], r) for name, r in ranks.items())
-
-    if total(ranks_for(len(pairs))) > budget:
-        raise ValueError("the budget is below every linear at its smallest candidate")
-    low, high = 0, len(pairs)  # total(ranks_for(high)) <= budget
-    while low < high:
-        mid = (low + high) // 2
-        if total(ranks_for(mid)) <= budget:
-            high = mid
-        else:
-            low = mid + 1
-    ranks = ranks_for(high)
-    if high > 0:  # give the leftover back to the matrix whose pair crossed the budget
-        name = pairs[high - 1][0]
-        target = by_name[name]
-        before = ranks_for(high - 1)[name]
-        m, n = target.out_features, target.in_features
-        ceiling = before if before is not None else max(1, math.ceil(m * n / (m + n)) - 1)
-        spare = budget - total(ranks)
-        ranks[name] = min(ceiling, ranks[name] + spare // (m + n))
-    return ranks
+    smallest: dict[str, float] = {}
+    undo = []  # (name, its rank before the pair): undoing the pair gives that rank back
+    for name, p, _ in pairs:
+        before = smallest.get(name)
+        undo.append((name, kept_rank(by_name[name], before) if before is not None else None))
+        smallest[name] = min(before if before is not None else 1.0, p)
+    start = {t.name: kept_rank(t, smallest[t.name]) if t.name in smallest else None for t in targets}
+    return greedy_steps(reversed(undo), matrix_costs(targets), Budget(budget), start, fill=False, partial=True)
 
 
 def uniform_budget(targets: list[Target], ratio: float) -> int:
     """Parameters of the targets at the uniform rank formula (what every method keeps)."""
-    ranks = uniform_ranks(targets, ratio)
-    return sum(stored_params(t, ranks[t.name]) for t in targets)
+    return int(Budget.uniform(matrix_costs(targets), ratio).limit)
 
 
 class ASVD(Method):
@@ -478,7 +464,7 @@ class ASVD(Method):
         budget = uniform_budget(context.targets, ratio)
         try:
             ranks = sensitivity_ranks(context.targets, table, budget)
-        except ValueError:
+        except UsageError:
             log.warning("asvd: ratio %.2f needs more compression than the smallest candidate kept fraction %.2f "
                         "allows; using uniform ranks", ratio, min(config.kept_candidates))
             facts["allocation_fallback"] = "uniform (target beyond the smallest candidate)"

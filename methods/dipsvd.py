@@ -32,8 +32,9 @@ pass as the others). The score
 ``S_l^0.3 * U_l^0.7`` is min-max normalized and spread linearly into kept
 fractions ``target +- spread`` (a higher score keeps more), then shifted by one
 common constant and clipped to ``[min_kept, max_kept]`` so that the clipped
-fractions meet the target parameter budget (a bisection on the shift; a
-renormalize-then-clip pass would leave the budget unmet). Each matrix of the
+fractions meet the target parameter budget (a bisection on the shift, the
+API's ``bench.bisect_scalar``; a renormalize-then-clip pass would leave the
+budget unmet). Each matrix of the
 block gets its block's ratio through the rank formula (floor), so the budget
 holds within one rank step per matrix. When the target kept fraction itself
 lies outside the clip range (e.g. ratio 0.8 -> 0.2 < 0.3) the range is
@@ -57,9 +58,11 @@ from bench import (
     PaperNotes,
     Target,
     UsageError,
+    bisect_scalar,
     cholesky_whitening,
     factorize,
     hookimpl,
+    matrix_costs,
     rank_for_ratio,
     uniform_ranks,
 )
@@ -122,13 +125,11 @@ def layer_kept_fractions(scores: dict[int, float], params: dict[int, int], targe
     def kept(shift: float) -> dict[int, float]:
         return {block: min(high, max(low, b + shift)) for block, b in base.items()}
 
-    lo, hi = -1.0 - spread, 1.0 + spread  # kept(lo) is all `low`, kept(hi) all `high`
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if sum(f * params[block] for block, f in kept(mid).items()) < budget:
-            lo = mid
-        else:
-            hi = mid
+    def under(shift: float) -> bool:  # the shift must grow while the blocks keep less than the budget
+        return sum(f * params[block] for block, f in kept(shift).items()) < budget
+
+    # kept(-1 - spread) is all `low`, kept(1 + spread) all `high`
+    lo, hi = bisect_scalar(under, -1.0 - spread, 1.0 + spread, steps=100)
     return kept((lo + hi) / 2)
 
 
@@ -188,8 +189,8 @@ class DipSVD(Method):
             log.info("dipsvd: kept fraction %.2f is outside [%.2f, %.2f]; the clip range is widened to include it",
                      target_kept, config.min_kept, config.max_kept)
         params: dict[int, int] = defaultdict(int)
-        for target in context.targets:
-            params[target.block] += target.out_features * target.in_features
+        for target, cost in zip(context.targets, matrix_costs(context.targets).values()):
+            params[target.block] += cost.dense
         kept = layer_kept_fractions(self.layer_scores(context, config), params, target_kept,
                                     config.spread, config.min_kept, config.max_kept)
         log.info("dipsvd at ratio %.2f: kept fraction per block %s", ratio, {block: round(f, 3) for block, f in kept.items()})

@@ -80,22 +80,29 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from bench import (
     Allocation,
+    Budget,
     Factorization,
+    MatrixCost,
     Method,
     PaperNotes,
     Target,
     UsageError,
+    bisect_scalar,
     eigen_whitening,
     factorize,
+    greedy_steps,
     hookimpl,
+    matrix_costs,
     rank_for_ratio,
+    round_ranks,
+    water_fill,
 )
 
 log = logging.getLogger(__name__)
@@ -119,65 +126,6 @@ class SVDLLMV2Config:
                              "e.g. 0,0.5,1")
 
 
-def max_useful_rank(target: Target) -> int:
-    """The largest rank whose two factors still hold fewer parameters than ``W``."""
-    m, n = target.out_features, target.in_features
-    return max(1, min(min(m, n), math.ceil(m * n / (m + n)) - 1))
-
-
-def round_to_budget(x: list[float], costs: list[int], caps: list[int], budget: int) -> list[int]:
-    """Integer ranks from continuous ones: floors, then +1 by largest remainder while the budget allows."""
-    ranks = [max(1, min(cap, math.floor(v))) for v, cap in zip(x, caps)]
-    spare = budget - sum(r * c for r, c in zip(ranks, costs))
-    for i in sorted(range(len(x)), key=lambda i: x[i] - math.floor(x[i]), reverse=True):
-        if ranks[i] < caps[i] and costs[i] <= spare:
-            ranks[i] += 1
-            spare -= costs[i]
-    return ranks
-
-
-def ranks_for_budget(weights: list[float], costs: list[int], caps: list[int], budget: int) -> list[int]:
-    """Integer ranks ``r_i ~ lambda * w_i`` in ``[1, cap_i]`` with ``sum r_i c_i`` just within ``budget``.
-
-    Continuous ranks are water-filled (matrices hitting a bound are fixed and
-    the rest rescaled), then rounded by :func:`round_to_budget`.
-    """
-    count = len(weights)
-    x = [0.0] * count
-    free = set(range(count))
-    left = float(budget)
-    while free:
-        total = sum(weights[i] * costs[i] for i in free)
-        if total <= 0:  # no preference left: equal parameters for the rest
-            for i in free:
-                x[i] = min(caps[i], max(1.0, left / (costs[i] * len(free))))
-            break
-        scale = left / total
-        high = [i for i in free if weights[i] * scale > caps[i]]
-        low = [] if high else [i for i in free if weights[i] * scale < 1]
-        if not high and not low:
-            for i in free:
-                x[i] = weights[i] * scale
-            break
-        for i in high or low:
-            x[i] = float(caps[i]) if high else 1.0
-            left -= x[i] * costs[i]
-            free.discard(i)
-    return round_to_budget(x, costs, caps, budget)
-
-
-def solve_decreasing(kept: Callable[[float], float], budget: float, high: float, steps: int = 200) -> float:
-    """The ``c`` in ``[0, high]`` where the non-increasing ``kept(c)`` meets ``budget`` (bisection)."""
-    low = 0.0
-    for _ in range(steps):
-        mid = (low + high) / 2
-        if kept(mid) > budget:
-            low = mid
-        else:
-            high = mid
-    return high
-
-
 def loss_curve(factorization: Factorization) -> list[float]:
     """``normalized_loss(r)`` for every rank ``r`` in ``0..k``, computed at once."""
     energy = factorization.s.double() ** 2
@@ -192,21 +140,20 @@ class Group:
 
     members: list[Target]
     uniform: list[int]
-    costs: list[int]
-    caps: list[int]
+    costs: dict[str, MatrixCost]  # by member name, in the members' order
 
     @property
-    def budget(self) -> int:
-        return sum(r * c for r, c in zip(self.uniform, self.costs))
+    def budget(self) -> Budget:
+        return Budget(sum(r * self.costs[t.name].per_rank for t, r in zip(self.members, self.uniform)))
 
 
 def groups_at(targets: list[Target], ratio: float) -> dict[str, Group]:
-    """The targets grouped by kind, with their uniform ranks, rank costs and caps at ``ratio``."""
+    """The targets grouped by kind, with their uniform ranks and costs at ``ratio``."""
     members: dict[str, list[Target]] = defaultdict(list)
     for target in targets:
         members[target.kind].append(target)
     return {kind: Group(group, [rank_for_ratio(t.out_features, t.in_features, ratio) for t in group],
-                        [t.out_features + t.in_features for t in group], [max_useful_rank(t) for t in group])
+                        matrix_costs(group))
             for kind, group in members.items()}
 
 
@@ -219,19 +166,22 @@ def paper_ranks(group: Group, factorizations: Mapping[str, Factorization]) -> tu
     undefined = [group.members[i].name for i in range(len(losses)) if i not in defined]
     if not defined:
         return ranks, undefined
-    lt = [1.0 / math.log(losses[i]) for i in defined]
-    params = [group.members[i].out_features * group.members[i].in_features for i in defined]
-    costs = [group.costs[i] for i in defined]
-    caps = [group.caps[i] for i in defined]
-    budget = sum(group.uniform[i] * group.costs[i] for i in defined)
+    lt = {group.members[i].name: 1.0 / math.log(losses[i]) for i in defined}
+    costs = {name: group.costs[name] for name in lt}
+    budget = Budget(sum(group.uniform[i] * group.costs[group.members[i].name].per_rank for i in defined))
 
-    def continuous(c: float) -> list[float]:
+    def continuous(c: float) -> dict[str, float]:
         # rank_i = params_i * (1 - ratio_i) / cost_i with ratio_i = c * Lt_i, clipped to [1, cap_i]
-        return [min(cap, max(1.0, p * (1 - c * w) / cost)) for p, w, cost, cap in zip(params, lt, costs, caps)]
+        return {name: min(cost.max_rank, max(1.0, cost.dense * (1 - c * lt[name]) / cost.per_rank))
+                for name, cost in costs.items()}
 
-    c = solve_decreasing(lambda c: sum(x * cost for x, cost in zip(continuous(c), costs)), budget, 1 / min(lt))
-    for i, rank in zip(defined, round_to_budget(continuous(c), costs, caps, budget)):
-        ranks[i] = rank
+    def over(c: float) -> bool:  # the ratios' common factor c must grow while the ranks hold too much
+        return sum(x * costs[name].per_rank for name, x in continuous(c).items()) > budget.limit
+
+    c = bisect_scalar(over, 0.0, 1 / min(lt.values()), steps=200)[1]
+    rounded = round_ranks(continuous(c), costs, budget)
+    for i in defined:
+        ranks[i] = rounded[group.members[i].name]
     return ranks, undefined
 
 
@@ -241,8 +191,10 @@ def power_ranks(group: Group, curves: Mapping[str, list[float]], exponents: list
     best = None
     for t in exponents:
         # kept parameters ~ N_i ** t, i.e. ranks ~ N_i ** t / cost_i
-        weights = [max(loss, 1e-12) ** t / c for loss, c in zip(losses, group.costs)]
-        candidate = ranks_for_budget(weights, group.costs, group.caps, group.budget)
+        weights = {m.name: max(loss, 1e-12) ** t / group.costs[m.name].per_rank
+                   for m, loss in zip(group.members, losses)}
+        filled = water_fill(weights, group.costs, group.budget)
+        candidate = [filled[m.name] for m in group.members]
         summed = sum(curves[m.name][r] for m, r in zip(group.members, candidate))
         if best is None or summed < best[0] - 1e-12:
             best = (summed, t, candidate)
@@ -250,11 +202,11 @@ def power_ranks(group: Group, curves: Mapping[str, list[float]], exponents: list
 
 
 def greedy_ranks(group: Group, factorizations: Mapping[str, Factorization]) -> list[int]:
-    """Within the group, keep the singular directions with the most normalized energy per parameter."""
-    ranks = [1] * len(group.members)
-    spent = sum(group.costs)
+    """Within the group, keep the singular directions with the most normalized energy per parameter: the
+    shared step walk from rank 1, one rank per step, stopping at the first that does not fit."""
     gains, owners = [], []
-    for index, (target, cost, cap) in enumerate(zip(group.members, group.costs, group.caps)):
+    for index, target in enumerate(group.members):
+        cost, cap = group.costs[target.name].per_rank, group.costs[target.name].max_rank
         energy = factorizations[target.name].s.double() ** 2
         total = float(energy.sum())
         share = energy[1:cap] / total if total > 0 else torch.zeros(max(cap - 1, 0), dtype=torch.float64)
@@ -262,12 +214,13 @@ def greedy_ranks(group: Group, factorizations: Mapping[str, Factorization]) -> l
         owners.append(torch.full((share.numel(),), index, dtype=torch.long))
     gains, owners = torch.cat(gains), torch.cat(owners)
     # each matrix's gains are non-increasing, so a global sort keeps prefixes of every spectrum
+    reached = [1] * len(group.members)
+    steps = []
     for index in owners[torch.argsort(gains, descending=True, stable=True)].tolist():
-        if spent + group.costs[index] > group.budget:
-            break
-        ranks[index] += 1
-        spent += group.costs[index]
-    return ranks
+        reached[index] += 1
+        steps.append((group.members[index].name, reached[index]))
+    ranks = greedy_steps(steps, group.costs, group.budget, {t.name: 1 for t in group.members}, fill=False)
+    return [ranks[t.name] for t in group.members]
 
 
 def allocate_rule(rule: str, targets: list[Target], factorizations: Mapping[str, Factorization], ratio: float,

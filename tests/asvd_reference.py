@@ -93,3 +93,46 @@ def reference_sensitivity(model: nn.Module, targets: list[Target], factorization
     finally:
         skip_to(0)
     return table
+
+
+def reference_sensitivity_ranks(targets: list[Target], table: dict[str, dict[str, float]],
+                                budget: int) -> dict[str, int | None]:
+    """ASVD's ranks as computed before the shared budget solver (commit e48c6e9 of ``methods/asvd.py``): the
+    shortest prefix of sorted pairs that fits, by binary search, and the leftover back to the threshold matrix."""
+    by_name = {t.name: t for t in targets}
+    order = {t.name: i for i, t in enumerate(targets)}
+    pairs = sorted(((name, float(kept), ppl) for name, row in table.items() for kept, ppl in row.items()),
+                   key=lambda p: (p[2], -p[1], order[p[0]]))
+
+    def stored_params(target: Target, rank: int | None) -> int:
+        m, n = target.out_features, target.in_features
+        return rank * (m + n) if rank is not None and rank * (m + n) < m * n else m * n
+
+    def ranks_for(prefix: int) -> dict[str, int | None]:
+        kept: dict[str, float] = {}
+        for name, p, _ in pairs[:prefix]:
+            kept[name] = min(kept.get(name, 1.0), p)
+        return {t.name: kept_rank(t, kept[t.name]) if t.name in kept else None for t in targets}
+
+    def total(ranks: dict[str, int | None]) -> int:
+        return sum(stored_params(by_name[name], r) for name, r in ranks.items())
+
+    if total(ranks_for(len(pairs))) > budget:
+        raise ValueError("the budget is below every linear at its smallest candidate")
+    low, high = 0, len(pairs)  # total(ranks_for(high)) <= budget
+    while low < high:
+        mid = (low + high) // 2
+        if total(ranks_for(mid)) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    ranks = ranks_for(high)
+    if high > 0:  # give the leftover back to the matrix whose pair crossed the budget
+        name = pairs[high - 1][0]
+        target = by_name[name]
+        before = ranks_for(high - 1)[name]
+        m, n = target.out_features, target.in_features
+        ceiling = before if before is not None else max(1, math.ceil(m * n / (m + n)) - 1)
+        spare = budget - total(ranks)
+        ranks[name] = min(ceiling, ranks[name] + spare // (m + n))
+    return ranks

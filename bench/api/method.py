@@ -12,7 +12,8 @@ A method goes through up to four stages; only ``decompose`` is required:
    decomposition within a run.
 3. ``allocate`` - the rank of every matrix for a target ratio. The default
    gives every matrix the uniform rank of METHODS.md; methods with
-   heterogeneous ratios (ASVD, SVD-LLM V2, DipSVD) override it.
+   heterogeneous ratios (ASVD, SVD-LLM V2, DipSVD) override it, on the
+   shared budget solver and cost model of :mod:`bench.api.allocation`.
 4. ``refine`` - optional post-truncation work on the compressed model, in
    place (a LoRA update, quantization of the factors).
 
@@ -31,15 +32,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from bench.api.allocation import Allocation, uniform_ranks
 from bench.api.configs import build_config, config_dict
-from bench.api.lowrank import Factorization, rank_for_ratio
+from bench.api.lowrank import Factorization
 from bench.api.statistic import CalibrationStats
 from bench.api.versions import code_version, source_version
 from bench.model.targets import Target
@@ -77,19 +79,6 @@ class Context:
         if self._weights is not None:
             return self._weights(target)
         return self.model.get_submodule(target.name).weight.detach()
-
-
-@dataclass
-class Allocation:
-    """Ranks per target for one ratio, and what the allocator found (recorded with the compression)."""
-
-    ranks: dict[str, int]
-    facts: dict = field(default_factory=dict)
-
-
-def uniform_ranks(targets: list[Target], ratio: float) -> dict[str, int]:
-    """The rank formula of METHODS.md applied to every matrix alike."""
-    return {t.name: rank_for_ratio(t.out_features, t.in_features, ratio) for t in targets}
 
 
 @dataclass(frozen=True)
