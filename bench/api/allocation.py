@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.api.lowrank import Factorization, rank_for_ratio
+from bench.api.lowrank import Factorization, rank_for_ratio, rank_for_size
 from bench.errors import UsageError
 from bench.model.targets import Target
 
@@ -75,9 +75,11 @@ class MatrixCost:
 
     def uniform_rank(self, ratio: float) -> int:
         """METHODS.md's rank for ``ratio``: ``floor(dense * (1 - ratio) / per_rank)``, at least 1."""
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-        return max(1, math.floor(self.dense * (1.0 - ratio) / self.per_rank))
+        return rank_for_size(self.dense, self.per_rank, ratio)
+
+    def rank_size(self, unit: str = "params") -> float:
+        """What one rank of the factors holds, in parameters or bytes."""
+        return self.per_rank * (self.bytes_per_param if unit == "bytes" else 1)
 
 
 def matrix_costs(targets: Iterable[Target], bytes_per_param: float = 1.0) -> dict[str, MatrixCost]:
@@ -273,7 +275,7 @@ def round_ranks(x: Mapping[str, float], costs: Mapping[str, MatrixCost], budget:
     """Integer ranks in ``[1, max_rank]`` from continuous ones: floors, then +1 by largest remainder while
     the budget allows (each rank counted at ``per_rank``)."""
     names = list(x)
-    step = [costs[n].per_rank * (costs[n].bytes_per_param if budget.unit == "bytes" else 1) for n in names]
+    step = [costs[n].rank_size(budget.unit) for n in names]
     caps = [costs[n].max_rank for n in names]
     values = [x[n] for n in names]
     ranks = [max(1, min(cap, math.floor(v))) for v, cap in zip(values, caps)]
@@ -293,7 +295,7 @@ def water_fill(weights: Mapping[str, float], costs: Mapping[str, MatrixCost], bu
     """
     names = list(weights)
     w = [weights[n] for n in names]
-    step = [costs[n].per_rank * (costs[n].bytes_per_param if budget.unit == "bytes" else 1) for n in names]
+    step = [costs[n].rank_size(budget.unit) for n in names]
     caps = [costs[n].max_rank for n in names]
     x = [0.0] * len(names)
     free = list(range(len(names)))  # ascending, as every sum below runs

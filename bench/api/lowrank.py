@@ -22,9 +22,14 @@ def rank_for_ratio(m: int, n: int, ratio: float) -> int:
     ``r = floor(m*n*(1-ratio)/(m+n))``, at least 1 (the SVD-LLM code's
     definition). Callers keep the layer dense when ``r*(m+n) >= m*n``.
     """
+    return rank_for_size(m * n, m + n, ratio)
+
+
+def rank_for_size(dense: int, per_rank: int, ratio: float) -> int:
+    """:func:`rank_for_ratio` for a matrix of ``dense`` parameters whose factors hold ``per_rank`` per rank."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    return max(1, math.floor(m * n * (1.0 - ratio) / (m + n)))
+    return max(1, math.floor(dense * (1.0 - ratio) / per_rank))
 
 
 def is_worth_factorizing(m: int, n: int, rank: int) -> bool:
