@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from reports.earlier import earlier_lines
 from reports.format import fmt
 from reports.plots import write_plots
 from reports.published import blocks_beside, write_published_csv
@@ -24,7 +25,8 @@ def nonfinite_notes(data: dict) -> list[str]:
 
 
 def render_markdown(data: dict, with_published: bool = False, plots: list[Path] | None = None) -> str:
-    """The report: settings, every supported table (published LLaMA-7B blocks beside them), plots, failures."""
+    """The report: settings, every supported table (published LLaMA-7B blocks beside them), plots, failures,
+    earlier runs' records."""
     manifest = data.get("manifest", {})
     parts = ["# svdbench report", "", *settings_lines(manifest, data.get("records"))]
     for table in build_tables(data):
@@ -41,6 +43,7 @@ def render_markdown(data: dict, with_published: bool = False, plots: list[Path] 
         parts += ["", "## Failures", ""]
         parts += [f"- {f['method']}" + (f" at {f['ratio']:.0%}" if f.get("ratio") is not None else "")
                   + f" ({f['stage']}): {f['error']}" for f in failures]
+    parts += earlier_lines(data)
     versions = manifest.get("versions", {})
     parts += ["", f"svdbench {versions.get('svdbench')}, torch {versions.get('torch')}, "
               f"transformers {versions.get('transformers')}; git {manifest.get('git_revision')}; "

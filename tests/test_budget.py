@@ -19,7 +19,7 @@ from reports.report import render_markdown
 def test_parse_budget_bytes_and_fractions():
     assert parse_budget("300MB") == ("bytes", 300e6)
     assert parse_budget("250MiB") == ("bytes", 250 * 2**20)
-    assert parse_budget("3.1e8") == ("bytes", 3.1e8)
+    assert parse_budget("3.1e8B") == ("bytes", 3.1e8)
     assert parse_budget("0.75") == ("fraction", 0.75)
     assert budget_bytes("0.5", 1000) == 500 and budget_bytes("2kB", 10**9) == 2000
     for bad in ("abc", "0", "-3MB", "12 parsecs"):

@@ -71,7 +71,8 @@ def saved(tmp_path_factory, tokenizer):
             if "gptq" in kind and importlib.util.find_spec("gptqmodel") is None:
                 continue
             out = root / kind
-            argv = ["compress", "--model", str(source), "--method", method, "--ratio", "0.5", "--out", str(out)]
+            ratio = [] if method in ("hqq", "gptq") else ["--ratio", "0.5"]  # quantize-only: no --ratio
+            argv = ["compress", "--model", str(source), "--method", method, *ratio, "--out", str(out)]
             assert main(argv + CALIBRATION + options) == 0
             dirs[kind] = out
     return dirs
@@ -201,7 +202,7 @@ def test_smollm2_saved_without_its_stale_gguf_config_loads_in_plain_transformers
     source = load("smollm2-135m")
     assert json.loads((source.checkpoint / "config.json").read_text())["quantization_config"]["quant_method"] == "gguf"
     out = tmp_path / "hqq"
-    assert main(["compress", "--model", "smollm2-135m", "--method", "hqq", "--ratio", "0.4", "--out", str(out)]) == 0
+    assert main(["compress", "--model", "smollm2-135m", "--method", "hqq", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "svdbench" and "gguf" not in json.dumps(config)
     row = probe("registered", [out])["hqq"]

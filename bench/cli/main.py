@@ -73,7 +73,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     run.add_argument("--ratios", default=SUPPRESS,
                      help="fractions of parameters removed, e.g. 0.2,0.4,0.6 (default; none when --budgets is given)")
     run.add_argument("--budgets", default=SUPPRESS,
-                     help="memory budgets: bytes (300MB, 250MiB, 3.1e8) or fractions of the dense bytes (0.9,0.75); "
+                     help="memory budgets: bytes (300MB, 250MiB, 3.1e8B) or fractions of the dense bytes (0.9,0.75); "
                           "each method is compressed at the smallest ratio that fits")
     run.add_argument("--tasks", default=SUPPRESS, help="comma-separated task names (default wikitext2)")
     run.add_argument("--limit", default=SUPPRESS, help="evaluate only the first N windows/examples of each task")
@@ -103,7 +103,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                                                "(safetensors + svdbench.json)")
     compress.add_argument("--model", default=SUPPRESS, help="smollm2-135m (default), a Hugging Face model directory or a .gguf file")
     compress.add_argument("--method", required=True, help="a method name (see svdbench plugins)")
-    compress.add_argument("--ratio", required=True, help="fraction of parameters removed, e.g. 0.4")
+    compress.add_argument("--ratio", default=None, help="fraction of parameters removed, e.g. 0.4 (not for a "
+                          "quantize-only method such as hqq or gptq)")
     compress.add_argument("--out", required=True, help="directory to write (new or empty); load it back with --model DIR")
     compress.add_argument("--force", action="store_true",
                           help="replace --out when it already holds a model saved by svdbench")
@@ -182,21 +183,31 @@ def _run(args, registry) -> int:
         paths = _write_report(registry, results.data, Path(config.out), args.with_published)
     print(paths[0].read_text())
     print("wrote", ", ".join(str(p) for p in [results.path, *paths]))
+    from bench.engine.budget import unreachable_line
+
+    unreachable = unreachable_line(results.data["failures"])  # bad input, found once the factorizations were made
+    if unreachable:
+        return _error(unreachable)
     return EXIT_FAILURES if results.data["failures"] else 0
 
 
 def _compress(args, registry) -> int:
-    from bench.api.configs import coerce_value
+    from bench.cli.refusals import compress_ratio
     from bench.engine.config import resolve_config
     from bench.engine.executor import Workspace, check_model_fits
     from bench.engine.plan import RATIO_DEFINITION, validate
     from bench.engine.provenance import package_versions
+    from bench.model.devices import check_device
     from bench.model.loading import model_directory
     from bench.model.saving import check_output_directory, save_compressed
+    from bench.pathnames import check_path_name
 
-    ratio = coerce_value(float, args.ratio, "--ratio")
-    config = resolve_config(None, {**_explicit(args), "methods": [args.method], "ratios": [ratio]})
+    ratio = compress_ratio(registry, args.method, args.ratio)
+    # a quantize-only method (ratio 0) reads no ratio from the config: any valid one stands in
+    config = resolve_config(None, {**_explicit(args), "methods": [args.method], "ratios": [ratio or 0.5]})
     validate(config, registry)
+    check_device(config.device)
+    check_path_name(args.out, "--out")
     check_output_directory(args.out, args.force, model_directory(config.model))  # before minutes of work
     workspace = Workspace(config, registry)
     check_model_fits(config, workspace.loaded, registry, evaluate=False)

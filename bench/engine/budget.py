@@ -1,7 +1,8 @@
 """Equal-memory comparison (SVD-LLM Table 7): the smallest ratio that fits a byte budget.
 
-A budget is given as bytes (``300MB``, ``3.1e8``, ``250MiB``) or as a fraction
-of the dense model's bytes (``0.75``: any plain number up to 1). For one
+A budget is given as bytes (``300MB``, ``3.1e8B``, ``250MiB``) or as a fraction
+of the dense model's bytes (``0.75``: any plain number up to 1); a plain number
+above 1 is refused (``2.0``: 2 bytes, or 2 GB?) and must name its unit. For one
 method the bytes of its compressed model at a ratio follow from the ranks its
 ``allocate`` gives (from the method's existing factorizations: no new SVD),
 and the ratio is bisected until the smallest ratio whose model fits is pinned
@@ -34,11 +35,12 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 
 def parse_budget(spec: str) -> tuple[str, float]:
-    """``("fraction", f)`` for a plain number in (0, 1], else ``("bytes", n)``."""
+    """``("fraction", f)`` for a plain number in (0, 1], ``("bytes", n)`` for a number with a unit; a plain
+    number above 1 is refused (its unit is not obvious)."""
     match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(spec))
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _UNITS:
-        raise UsageError(f"budget {spec!r} is not understood; give bytes (300MB, 250MiB, 3.1e8) "
+        raise UsageError(f"budget {spec!r} is not understood; give bytes (300MB, 250MiB, 3.1e8B) "
                          "or a fraction of the dense model's bytes (0.75)")
     try:
         number = float(match.group(1))
@@ -46,9 +48,45 @@ def parse_budget(spec: str) -> tuple[str, float]:
         raise UsageError(f"budget {spec!r} is not a number; e.g. --budgets 0.9,0.75 or --budgets 300MB") from None
     if not 0 < number < float("inf") or not 0 < number * _UNITS[unit] < 2**63:
         raise UsageError(f"budget {spec!r} must be a positive, finite size; e.g. --budgets 0.9,0.75 or --budgets 300MB")
-    if not unit and number <= 1.0:
+    if not match.group(2):
+        if number > 1.0:
+            raise UsageError(f"budget {spec!r} is a number above 1 without a unit; give a unit ({spec.strip()}GB, "
+                             f"{spec.strip()}MB, {spec.strip()}B) or a fraction of the dense model's bytes up to 1 (0.75)")
         return "fraction", number
     return "bytes", number * _UNITS[unit]
+
+
+class UnreachableBudget(ValueError):
+    """A budget below the smallest model a method makes (found once its factorizations give its sizes)."""
+
+    def __init__(self, budget: int, smallest: int, ratio: float):
+        super().__init__(f"budget of {budget} bytes ({budget / 1e6:.3g} MB) is below the smallest model this method "
+                         f"makes, {smallest} bytes ({smallest / 1e6:.3g} MB) at ratio {ratio}; give a budget of at "
+                         f"least {smallest}B (embeddings, lm_head and norms are never compressed)")
+        self.budget, self.smallest, self.ratio = budget, smallest, ratio
+
+
+def unreachable_line(failures: list[dict]) -> str | None:
+    """The one line for a run whose budgets some method could not reach (None: every budget was reached)."""
+    found = [f for f in failures if str(f.get("error", "")).startswith(f"{UnreachableBudget.__name__}: ")]
+    if not found:
+        return None
+    first = found[0]
+    line = f"{first['method']} at {first['stage']}: {first['error'].partition(': ')[2]}"
+    more = f" ({len(found) - 1} more unreachable budget(s) in report.md's Failures)" if len(found) > 1 else ""
+    return line + more + "; the run's other results are kept"
+
+
+def check_budget_floor(specs: tuple[str, ...], dense_bytes: int, target_weight_bytes: int) -> None:
+    """Refuse, before any decomposition, a budget no method can reach: below the bytes of what is never
+    compressed (embeddings, lm_head, norms - the dense bytes less every target's weight)."""
+    floor = dense_bytes - target_weight_bytes
+    for spec in specs:
+        size = budget_bytes(spec, dense_bytes)
+        if floor > 0 and size <= floor:
+            raise UsageError(f"budget {spec} ({size} bytes) is below {floor} bytes ({floor / 1e6:.3g} MB), what this "
+                             "model's uncompressed parts alone take (embeddings, lm_head, norms); every compressed "
+                             f"model is larger: give a budget above {floor}B")
 
 
 def budget_bytes(spec: str, dense_bytes: int) -> int:
@@ -73,8 +111,7 @@ def bisect_ratio(size_at: Callable[[float], int], budget: int, dense_bytes: int,
         return 0.0, zero_size
     hi_size = size_at(hi)
     if hi_size > budget:
-        raise ValueError(f"budget of {budget / 1e6:.1f} MB is below the smallest model this method makes "
-                         f"({hi_size / 1e6:.1f} MB at ratio {hi}); embeddings, lm_head and norms are never compressed")
+        raise UnreachableBudget(budget, hi_size, hi)
     lo = 0.0  # invariant: lo does not fit, hi fits
     while hi - lo > tol:
         mid = (lo + hi) / 2

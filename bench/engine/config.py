@@ -29,7 +29,9 @@ from typing import Any, Literal
 
 from bench.api.configs import build_config, config_dict
 from bench.errors import UsageError, unknown_name
+from bench.model.devices import parse_device
 from bench.model.loading import DEFAULT_MODEL
+from bench.pathnames import check_path_name
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class RunConfig:
     (only the dense model). ``ratios`` are fractions of parameters removed;
     ``budgets`` are bytes (``300MB``) or fractions of the dense bytes
     (``0.75``). ``method_options`` maps a method name to its settings.
+    A value given twice in ``methods``, ``ratios``, ``budgets`` or ``tasks``
+    counts once (the first place keeps the order).
     """
 
     model: str = DEFAULT_MODEL
@@ -78,6 +82,8 @@ class RunConfig:
     out: str = "runs/latest"
 
     def __post_init__(self):
+        for name in ("methods", "ratios", "budgets", "tasks"):  # a repeated value is one cell, not two
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         for ratio in self.ratios:
             if not 0.0 < ratio < 1.0:
                 raise UsageError(f"ratio {ratio} is outside (0, 1); give the fraction of parameters to remove, "
@@ -88,6 +94,8 @@ class RunConfig:
             raise UsageError("--limit must be at least 1")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        parse_device(self.device)
+        check_path_name(self.out, "--out")
         if not self.methods:
             raise UsageError("--methods is empty; give method names, 'all' or 'none'")
         if not self.tasks:

@@ -43,7 +43,7 @@ from bench.api.record import DENSE, Record
 from bench.api.statistic import CalibrationStats
 from bench.api.task import Measurement, Metric, Task
 from bench.corpora import calibration_checksum
-from bench.engine.budget import budget_bytes, fit_budget, parse_budget
+from bench.engine.budget import budget_bytes, check_budget_floor, fit_budget, parse_budget
 from bench.engine.calibration import calibration_batches, collect_statistics, stored_statistics
 from bench.engine.compress import Compressed, accounting, assemble_from_checkpoint, build_compressed
 from bench.engine.config import ExecutorConfig, RunConfig
@@ -67,6 +67,7 @@ from bench.engine.stores import EntryWriter, factor_tensors, open_entry, store_r
 from bench.errors import NonFinite, UsageError
 from bench.memory import allocator_settings, release_free_memory
 from bench.model.checkpoint import Checkpoint
+from bench.model.devices import check_device
 from bench.model.loaded import LoadedModel
 from bench.model.loading import load_model, reload_weights
 from bench.model.targets import find_targets, footprint
@@ -766,8 +767,8 @@ def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel
     distributed = executor.kind == "ray"
     if distributed:
         import_ray()  # fail before loading anything when Ray is missing
-    elif config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {config.device} but CUDA is not available; use --device cpu")
+    else:
+        check_device(config.device)  # the Ray workers' devices are theirs to check
     validate(config, registry)
     with output_lock(config.out).acquire(wait=False), \
             (RayTasks(executor, config.device) if distributed else nullcontext()) as tasks:
@@ -775,6 +776,10 @@ def run(config: RunConfig, registry: Registry | None = None, loaded: LoadedModel
         # the Ray driver only plans: it reads the model on the CPU and leaves the devices to the workers
         workspace = Workspace(dataclasses.replace(config, device="cpu") if distributed else config, registry, loaded)
         check_model_fits(config, workspace.loaded, registry)
+        if config.budgets:  # a budget below the never-compressed parts fails here, not after the decompositions
+            element = torch.empty(0, dtype=workspace.dtype).element_size()
+            check_budget_floor(config.budgets, workspace.dense_footprint["bytes"],
+                               sum(t.out_features * t.in_features for t in workspace.targets) * element)
         plan = plan_run(config, registry, workspace)
         described = manifest(config, registry, workspace, plan)
         described["executor"] = {"kind": executor.kind, **(tasks.describe() if distributed else {}),

@@ -33,8 +33,8 @@ Recovery, every time a run opens its ``--out``:
 A record's ``key`` is its cell's resume key: a re-run with the same ``--out``
 skips cells whose key is in the journal - unless a cache entry the cell was
 computed from has changed since (then it is computed again). Records of an
-earlier run with other settings go to ``previous_records``: kept, not
-reported. Non-finite numbers never reach the file as bare ``NaN``/``Infinity``
+earlier run with other settings go to ``previous_records``: kept, and listed
+in report.md's "Earlier records", not in its tables. Non-finite numbers never reach the file as bare ``NaN``/``Infinity``
 (results.json is strict JSON): anywhere but a record's value they are written
 as the strings ``"nan"``, ``"inf"``, ``"-inf"``; a non-finite value is a
 failure, not a record.

@@ -72,6 +72,8 @@ def compress(model: nn.Module, method: str, *, ratio: float | None = None, budge
         raise UsageError("give exactly one of ratio=... (e.g. 0.4) and budget=... (e.g. '300MB' or 0.75)")
     if not hasattr(model, "config"):
         raise UsageError("compress needs a transformers model (a PreTrainedModel with .config)")
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 1:
+        budget = f"{budget}B"  # a whole number above 1 is bytes (a plain float above 1 is refused as ambiguous)
     registry = load_registry()
     registry.get("method", method)  # an unknown name is one line naming the known ones
     options = dict(config) if isinstance(config, Mapping) else config_dict(config) if config is not None else {}

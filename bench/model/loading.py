@@ -27,10 +27,14 @@ from pathlib import Path
 import torch
 
 from bench.errors import UsageError
+from bench.model.causal import check_causal, check_not_encoder_decoder
 from bench.model.checkpoint import checkpoint_matches, is_checkpoint
+from bench.model.devices import check_device
 from bench.model.loaded import LoadedModel
 from bench.model.prepare import prepare_model
+from bench.model.quiet import import_transformers_quietly
 from bench.model.saving import MANIFEST, directory_identity, load_compressed
+from bench.pathnames import check_path_name
 from bench.storage import (
     atomic_write_text,
     cache_root,
@@ -90,9 +94,10 @@ def load_directory(path: Path, dtype: torch.dtype):
     """A Hugging Face model directory's tokenizer and model; anything unreadable is one line naming the directory."""
     config = path / "config.json"
     try:
-        json.loads(config.read_text())
+        settings = json.loads(config.read_text())
     except (OSError, ValueError, UnicodeDecodeError) as error:
         raise UsageError(f"{config} is not valid JSON ({_first_line(error)}); restore it from the model's source") from None
+    check_not_encoder_decoder(settings if isinstance(settings, dict) else {})
     try:
         return _load_tokenizer_and_model(str(path), None, dtype)
     except Exception as error:  # transformers/tokenizers/safetensors raise many kinds for unreadable files
@@ -216,6 +221,7 @@ def place_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
     """``model`` on ``device``; on a GPU with too little free memory for it, its weights stay on the CPU
     and each module is onloaded for its own forward pass (accelerate's ``cpu_offload``), so models larger
     than the GPU still evaluate."""
+    check_device(device)
     if not str(device).startswith("cuda"):
         return model.to(device)
     from bench.model.targets import footprint
@@ -239,6 +245,7 @@ def reload_weights(checkpoint: Path, device: str = "cpu", dtype: torch.dtype = t
     """The model of an already-loaded spec, read again from its checkpoint (after the engine dropped it)."""
     from transformers import AutoModelForCausalLM
 
+    import_transformers_quietly()
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
     return place_model(_prepared(model, {}).eval(), device)
 
@@ -258,6 +265,8 @@ def model_directory(spec: str) -> Path | None:
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a model from a spec (see module docstring) onto ``device``."""
+    check_path_name(spec, "--model")
+    import_transformers_quietly()
     if spec == DEFAULT_MODEL:
         gguf = smollm2_gguf()
         if sha256_file(gguf) != SMOLLM2_SHA256:
@@ -281,5 +290,6 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         else:
             raise UsageError(f"unknown model '{spec}'; use '{DEFAULT_MODEL}', a Hugging Face model directory "
                              "(with config.json) or a .gguf file")
+    check_causal(loaded.model)  # before placing: the probe is two short rows on the CPU
     loaded.model = place_model(loaded.model, device)
     return loaded
