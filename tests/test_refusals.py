@@ -176,9 +176,9 @@ def test_a_budget_a_method_cannot_reach_is_one_line_and_keeps_the_other_results(
 
 
 def test_repeated_ratios_budgets_tasks_and_methods_count_once(tiny, tmp_path):
-    config = RunConfig(methods=("svd", "asvd", "svd"), ratios=(0.4, 0.2, 0.4), budgets=("0.9", "0.9"),
+    config = RunConfig(methods=("svd", "asvd", "svd"), ratios=(0.4, 0.2, 0.4), budgets=("0.9", "0.90", "300MB", "3e8B"),
                        tasks=("wikitext2", "c4", "wikitext2"))
-    assert config.methods == ("svd", "asvd") and config.ratios == (0.4, 0.2) and config.budgets == ("0.9",)
+    assert config.methods == ("svd", "asvd") and config.ratios == (0.4, 0.2) and config.budgets == ("0.9", "300MB")
     assert config.tasks == ("wikitext2", "c4") and config.to_dict()["ratios"] == [0.4, 0.2]
     results = executor.run(RunConfig(model="tiny", out=str(tmp_path), methods=("svd",), ratios=(0.2, 0.2), **SMALL),
                            loaded=tiny)

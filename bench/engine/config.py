@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench.api.configs import build_config, config_dict
+from bench.engine.budget import parse_budget
 from bench.errors import UsageError, unknown_name
 from bench.model.devices import parse_device
 from bench.model.loading import DEFAULT_MODEL
@@ -62,8 +63,8 @@ class RunConfig:
     (only the dense model). ``ratios`` are fractions of parameters removed;
     ``budgets`` are bytes (``300MB``) or fractions of the dense bytes
     (``0.75``). ``method_options`` maps a method name to its settings.
-    A value given twice in ``methods``, ``ratios``, ``budgets`` or ``tasks``
-    counts once (the first place keeps the order).
+    A value given twice in ``methods``, ``ratios``, ``budgets`` (by value:
+    ``0.9`` and ``0.90``) or ``tasks`` counts once, in the order first given.
     """
 
     model: str = DEFAULT_MODEL
@@ -82,8 +83,12 @@ class RunConfig:
     out: str = "runs/latest"
 
     def __post_init__(self):
-        for name in ("methods", "ratios", "budgets", "tasks"):  # a repeated value is one cell, not two
+        for name in ("methods", "ratios", "tasks"):  # a repeated value is one cell, not two
             object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
+        budgets: dict = {}
+        for spec in self.budgets:  # by value: 0.9 and 0.90, 300MB and 300000000B are one budget
+            budgets.setdefault(parse_budget(spec), spec)
+        object.__setattr__(self, "budgets", tuple(budgets.values()))
         for ratio in self.ratios:
             if not 0.0 < ratio < 1.0:
                 raise UsageError(f"ratio {ratio} is outside (0, 1); give the fraction of parameters to remove, "
