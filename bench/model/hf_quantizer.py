@@ -115,6 +115,10 @@ class SvdbenchQuantizer(HfQuantizer):
         layout = self.quantization_config.layout()
         floating = self._dtype if isinstance(self._dtype, torch.dtype) else None
         rebuild(model, layout, where, dtype=floating)
+        # a factor used by several layers is in the file once: transformers must treat the others as tied to it
+        # (not missing: it would initialize them, i.e. the shared module, at random after loading)
+        model.all_tied_weights_keys = {**(getattr(model, "all_tied_weights_keys", None) or {}),
+                                       **alias_weights(layout.get("shared", {}))}
         for name in [*layout["ranks"], *layout["quantized"]]:  # a parent's own init (GPT-2 scales each block's
             model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True  # c_proj) expects a dense weight
         skip = sentinel(self.quantization_config)[0]

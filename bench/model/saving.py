@@ -55,8 +55,8 @@ from bench.model.hf_format import FINGERPRINT, FORMAT, write_config
 from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.prepare import prepare_model
-from bench.model.shared import layout_error, shared_modules, tie_modules
 from bench.model.quantized import BITS, GPTQ_GROUP_SIZES, META_DTYPES, GPTQLinear, QuantizedLinear
+from bench.model.shared import layout_error, shared_modules, tie_modules
 from bench.model.targets import set_module
 from bench.storage import (
     atomic_write_text,
