@@ -199,6 +199,22 @@ def write_dense(model, factors) -> None:
                 model.model.layers[layer].get_submodule(NAMES[part]).weight.copy_(coefficient @ basis)
 
 
+def save_dense(model, tokenizer, out: Path) -> None:
+    """A plain Hugging Face directory (safetensors; the GGUF-converted source's quantization_config dropped:
+    ``save_pretrained`` refuses a model loaded from GGUF)."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # tied embeddings once
+    tokenizer.save_pretrained(out)
+
+
 def main() -> None:
     import copy
 
@@ -230,8 +246,7 @@ def main() -> None:
             model = copy.deepcopy(std)
             plan = compress(std, model, calib, ratio, update, windows)
             out = Path(args.out) / f"ratio{ratio:g}{'_update' if update else ''}"
-            model.save_pretrained(out)
-            loaded.tokenizer.save_pretrained(out)
+            save_dense(model, loaded.tokenizer, out)
             ppl = {m.metric: m.value for m in task.evaluate(model, loaded.tokenizer, settings)}
             results.append({"ratio": ratio, "update": update, "dir": str(out), "plan": plan, **ppl})
             print(json.dumps(results[-1]), flush=True)

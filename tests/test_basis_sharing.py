@@ -30,8 +30,17 @@ SHARED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 SETTINGS = EvalSettings(seqlen=128, limit=2)
 
 
+def _registry(plugins_dirs=()):
+    """The registry with basis_sharing: built in once the package is reinstalled, else added here."""
+    if "basis_sharing" in load_registry().methods:
+        return load_registry()
+    if plugins_dirs:
+        return load_registry(plugins_dirs)
+    return load_registry(extra=[("basis_sharing", basis_sharing)])
+
+
 def _workspace(loaded, tmp_path, options=None, registry=None):
-    registry = registry or load_registry(extra=[("basis_sharing", basis_sharing)])
+    registry = registry or _registry()
     config = RunConfig(model="tiny", methods=("basis_sharing",), ratios=(0.4,), out=str(tmp_path / "run"),
                        calibration=CALIBRATION, method_options={"basis_sharing": dict(options or {})})
     return Workspace(config, registry, loaded)
@@ -183,19 +192,21 @@ def test_compress_command_saves_the_basis_once_and_reloads_to_the_same_perplexit
     plain transformers (the registered quantizer): identical logits and perplexity, the basis tied again."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    shutil.copy(Path(basis_sharing.__file__), plugins / "basis_sharing.py")
+    builtin = "basis_sharing" in load_registry().methods
+    if not builtin:  # an installed svdbench older than the entry point: the method as a --plugins-dir plugin
+        shutil.copy(Path(basis_sharing.__file__), plugins / "basis_sharing.py")
     source, out = tmp_path / "src", tmp_path / "out"
     loaded = _tiny(tokenizer)
     loaded.model.save_pretrained(source)
     tokenizer.save_pretrained(source)
-    argv = ["--plugins-dir", str(plugins), "compress", "--model", str(source), "--method", "basis_sharing",
+    argv = [*([] if builtin else ["--plugins-dir", str(plugins)]), "compress", "--model", str(source), "--method", "basis_sharing",
             "--ratio", "0.4", "--out", str(out), "--calib-samples", "4", "--calib-seqlen", "128"]
     assert main(argv) == 0
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["facts"]["refine"]["updated_matrices"] == 14 and len(manifest["shared"]) == 5
     config = RunConfig(model=str(source), methods=("basis_sharing",), ratios=(0.4,), out=str(tmp_path / "r"),
                        calibration=CALIBRATION)
-    _, in_memory = Workspace(config, load_registry([plugins])).compress("basis_sharing", 0.4)
+    _, in_memory = Workspace(config, _registry([plugins])).compress("basis_sharing", 0.4)
     reloaded = load_compressed(out).model
     assert reloaded.model.layers[0].mlp.up_proj.down is reloaded.model.layers[1].mlp.up_proj.down
     assert torch.equal(_logits(reloaded), _logits(in_memory.model))
