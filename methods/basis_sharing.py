@@ -125,6 +125,10 @@ class BasisSharing(Method):
                 factorization.facts["cholesky_shift"] = shift
         return found
 
+    def decomposition_key(self, config):
+        """``update`` only refines: runs with it on and off share one decomposition."""
+        return f"{__name__}.BasisSharing group_size={config.group_size} shared={list(config.shared)}"
+
     # ------------------------------------------------------------------ ranks
     def allocate(self, ratio, factorizations, context, config):
         groups: dict[str, list] = {}

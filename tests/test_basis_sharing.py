@@ -90,7 +90,7 @@ def test_truncation_error_of_the_stacked_whitened_matrix_is_the_dropped_spectrum
         names = [f"model.layers.{i}.{kind}" for i in (0, 1)]
         layers = [compressed.model.get_submodule(n) for n in names]
         assert layers[0].down is layers[1].down  # one basis
-        stacked = torch.cat([workspace.model.get_submodule(n).weight.double() for n in names])
+        stacked = torch.cat([workspace.model.get_submodule(n).weight.detach().double() for n in names])
         approx = torch.cat([_dense(layer) for layer in layers])
         pooled = sum(stats.get("gram", n).double() for n in names)
         s = torch.linalg.cholesky(pooled)
