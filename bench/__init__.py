@@ -20,6 +20,7 @@ _API = {
                      'matrix_costs', 'round_ranks', 'solve_budget', 'truncation_curve', 'uniform_ranks',
                      'water_fill'), "bench.api.allocation"),
     **dict.fromkeys(('build_config', 'config_dict'), "bench.api.configs"),
+    **dict.fromkeys(('SHARED', 'group_cost', 'group_key', 'share_factorization', 'shared_key'), "bench.api.grouped"),
     **dict.fromkeys(('Command', 'hookimpl'), "bench.api.hookspecs"),
     **dict.fromkeys(('Diagonal', 'Eigen', 'Factorization', 'Identity', 'LowerTriangular', 'RightTransform', 'cholesky_whitening', 'eigen_whitening', 'factorize', 'is_worth_factorizing', 'rank_for_ratio'), "bench.api.lowrank"),
     **dict.fromkeys(('Context', 'Method', 'NoConfig', 'PaperNotes'), "bench.api.method"),

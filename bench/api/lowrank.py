@@ -160,19 +160,19 @@ def factorize(weight: torch.Tensor, transform: RightTransform | None = None) -> 
     return Factorization(u=u, s=s, vt=vt)
 
 
-def cholesky_whitening(gram: torch.Tensor) -> tuple[LowerTriangular, float]:
+def cholesky_whitening(gram: torch.Tensor, epsilon: float = 1e-6) -> tuple[LowerTriangular, float]:
     """``S = cholesky(G)`` (SVD-LLM). Returns the transform and the shift used.
 
     When ``G`` is not positive definite the reference adds
-    ``(-lambda_min + 1e-6) I`` and retries; the shift is returned so callers can
-    log which layer needed it (0.0 when none was needed).
+    ``(-lambda_min + epsilon) I`` (``1e-6``; Basis Sharing's code: ``7e-6``) and retries; the shift is returned
+    so callers can log which layer needed it (0.0 when none was needed).
     """
     g = gram.to(torch.float64)
     factor, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return LowerTriangular(factor), 0.0
     del factor  # n x n of no use: free it before the eigenvalues' workspace
-    shift = float(-torch.linalg.eigvalsh(g).min()) + 1e-6
+    shift = float(-torch.linalg.eigvalsh(g).min()) + epsilon
     shifted = g.clone()
     shifted.diagonal().add_(shift)  # G + shift I without an n x n identity (same values, bit for bit)
     factor, info = torch.linalg.cholesky_ex(shifted)

@@ -6,7 +6,8 @@ A method goes through up to four stages; only ``decompose`` is required:
    whose needs depend on its config overrides ``required_statistics``). The
    harness collects each once per (model, calibration settings) and shares it.
 2. ``decompose`` - a ratio-independent :class:`~bench.api.lowrank.Factorization`
-   of one matrix. A ratio sweep calls it once per matrix and truncates the
+   of one matrix (``groups`` / ``decompose_group``: of a group of matrices
+   sharing one right factor, :mod:`bench.api.grouped`). A ratio sweep calls it once per matrix and truncates the
    same factorization at every ratio; methods whose ``decomposition_key`` is
    equal (``svd`` and ``svdllm_u``, ``svdllm_w`` and ``svdllm``) share one
    decomposition within a run.
@@ -174,6 +175,15 @@ class Method:
     # ------------------------------------------------------------------ stages
     def decompose(self, target: Target, weight: torch.Tensor, context: Context, config: Any) -> Factorization:
         """Factorize one matrix (ratio-independent); may run beside other targets' (``concurrent_decompose``)."""
+        raise NotImplementedError
+
+    def groups(self, targets: list[Target], config: Any) -> list[list[Target]]:
+        """Targets factorized jointly, sharing one right factor (:mod:`bench.api.grouped`); default: none."""
+        return []
+
+    def decompose_group(self, targets: list[Target], weights: list[torch.Tensor], context: Context,
+                        config: Any) -> dict[str, Factorization]:
+        """One factorization per member of a group from ``groups``, all with the same ``s`` and ``vt``."""
         raise NotImplementedError
 
     def code_version(self) -> str:

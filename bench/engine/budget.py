@@ -162,7 +162,7 @@ def fit_budget(method: Method, factorizations: Mapping[str, Factorization], cont
     def size_at(ratio: float, refine: bool) -> int:
         if refine:
             return build(ratio, True).summary["bytes"]
-        layers = layer_plan(context.targets, allocation_of(method, ratio, factorizations, context).ranks)
+        layers = layer_plan(context.targets, allocation_of(method, ratio, factorizations, context).ranks, factorizations)
         return predicted_bytes(layers, dense_footprint, element_size)
 
     refine_in_search = False

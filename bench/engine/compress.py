@@ -19,6 +19,7 @@ from torch import nn
 
 from bench.api.lowrank import Factorization, is_worth_factorizing
 from bench.api.method import Allocation, Context, Method
+from bench.engine.grouped import shared_groups, shared_plan, tie_shared
 from bench.model.checkpoint import Checkpoint, build_from_checkpoint
 from bench.model.layers import LowRankLinear
 from bench.model.loading import place_model
@@ -27,10 +28,17 @@ from bench.model.targets import Target, footprint, set_module
 Assembler = Callable[[dict[str, int]], tuple[nn.Module, dict[str, dict]]]
 
 
-def layer_plan(targets: list[Target], ranks: dict[str, int]) -> dict[str, dict]:
-    """Per-matrix accounting for ``ranks``: the rank kept (None: left dense), dense and stored parameters."""
+def layer_plan(targets: list[Target], ranks: dict[str, int],
+               factorizations: Mapping[str, Factorization] | None = None) -> dict[str, dict]:
+    """Per-matrix accounting for ``ranks``: the rank kept (None: left dense), dense and stored parameters
+    (a group sharing a right factor: :func:`bench.engine.grouped.shared_plan`)."""
     layers: dict[str, dict] = {}
+    shared = {name: layer for group in shared_groups(targets, factorizations).values()
+              for name, layer in shared_plan(group, ranks).items()}
     for target in targets:
+        if target.name in shared:
+            layers[target.name] = shared[target.name]
+            continue
         m, n = target.out_features, target.in_features
         rank = max(1, min(int(ranks[target.name]), min(m, n)))
         if is_worth_factorizing(m, n, rank):
@@ -54,7 +62,7 @@ def compress_model(model: nn.Module, targets: list[Target], factorizations: Mapp
     model and per-matrix accounting (rank, dense and stored parameters).
     """
     compressed = copy.deepcopy(model)
-    layers = layer_plan(targets, ranks)
+    layers = layer_plan(targets, ranks, factorizations)
     for name, layer in layers.items():
         if layer["rank"] is None:
             continue
@@ -62,6 +70,7 @@ def compress_model(model: nn.Module, targets: list[Target], factorizations: Mapp
         bias = original.bias.detach() if original.bias is not None else None
         set_module(compressed, name, _low_rank(factorizations[name], layer["rank"], original.weight.dtype,
                                                original.weight.device, bias))
+    tie_shared(layers, compressed.get_submodule)
     return compressed, layers
 
 
@@ -69,11 +78,12 @@ def assemble_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype, device,
                              factorizations: Mapping[str, Factorization],
                              ranks: dict[str, int]) -> tuple[nn.Module, dict[str, dict]]:
     """The compressed model built from the checkpoint's other weights and the factors; the dense model is not read."""
-    layers = layer_plan(targets, ranks)
+    layers = layer_plan(targets, ranks, factorizations)
     factorized = {name: layer for name, layer in layers.items() if layer["rank"] is not None}
     biases = checkpoint.read([f"{name}.bias" for name in factorized if f"{name}.bias" in checkpoint.file_of], dtype)
     replacements = {name: _low_rank(factorizations[name], layer["rank"], dtype, "cpu", biases.get(f"{name}.bias"))
                     for name, layer in factorized.items()}
+    tie_shared(layers, replacements.__getitem__)
     return place_model(build_from_checkpoint(checkpoint, dtype, replacements), device), layers
 
 

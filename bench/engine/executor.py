@@ -48,6 +48,7 @@ from bench.engine.calibration import calibration_batches, collect_statistics, st
 from bench.engine.compress import Compressed, accounting, assemble_from_checkpoint, build_compressed
 from bench.engine.config import ExecutorConfig, RunConfig
 from bench.engine.distributed import RayTasks, import_ray, this_node
+from bench.engine.grouped import GroupPass
 from bench.engine.plan import (
     RATIO_DEFINITION,
     Cell,
@@ -272,6 +273,21 @@ class Workspace:
         for method in chosen:
             self.timings[f"decompose:{method.name}"] = 0.0
         model = self.model
+        grouped = {key: GroupPass(method, self.targets) for key, (method, _) in pending.items()
+                   if method.groups(self.targets, method.config)}
+
+        def record(key, target, factorization):
+            writers[key].write_part(factor_tensors(target.name, factorization))
+            shapes[key][target.name] = list(factorization.shape)
+            if factorization.facts:
+                facts[key][target.name] = factorization.facts
+
+        def fail(key, index, error):  # this method fails when it asks for its factorizations; the others go on
+            log.warning("%s: decomposition failed in block %d (%s: %s)", pending[key][0].name, index,
+                        type(error).__name__, error)
+            self._failed[key] = error
+            writers.pop(key).abandon()
+            del pending[key]
 
         def decompose_block(index, block_targets, block_stats, groups):
             """Every pending method on every target of the block, in worker threads (see
@@ -285,8 +301,19 @@ class Workspace:
                                      device=self.config.device, cache_dir=cache_root(),
                                      model_identity=self.loaded.identity)
                         for key, method in methods.items()}
+            for key, joint in grouped.items():  # groups sharing a factor, once their last member's block is here
+                try:
+                    for group, found in joint.on_block(block_targets, block_stats, groups, contexts[key]):
+                        for target in group:
+                            check_finite(found[target.name].s, target.name, "decompose", "singular values")
+                            record(key, target, found[target.name])
+                except UsageError:
+                    raise
+                except Exception as error:
+                    fail(key, index, error)
             last_of_group = {groups.get(t.name, t.name): t.name for t in block_targets}
-            jobs = [(target, key) for target in block_targets for key in methods]
+            jobs = [(target, key) for target in block_targets for key in methods
+                    if key in pending and not (key in grouped and grouped[key].covers(target.name))]
             last_job = {target.name: (target, key) for target, key in jobs}
 
             def decompose(job):
@@ -306,20 +333,12 @@ class Workspace:
                 if key in pending and error is None:
                     factorization, busy_seconds = outcome
                     busy[key] += busy_seconds
-                    writers[key].write_part(factor_tensors(target.name, factorization))
-                    shapes[key][target.name] = list(factorization.shape)
-                    if factorization.facts:
-                        facts[key][target.name] = factorization.facts
+                    record(key, target, factorization)
                     del factorization, outcome
                 elif key in pending:
                     if isinstance(error, UsageError):
                         raise error
-                    # this method fails when it asks for its factorizations; the others go on
-                    log.warning("%s: decomposition failed in block %d (%s: %s)", methods[key].name, index,
-                                type(error).__name__, error)
-                    self._failed[key] = error
-                    writers.pop(key).abandon()
-                    del pending[key]
+                    fail(key, index, error)
                 group = groups.get(target.name, target.name)
                 if last_job[target.name] == (target, key) and last_of_group.get(group) == target.name:
                     for table in block_stats.values():  # no later target of the block reads them
@@ -337,6 +356,8 @@ class Workspace:
             self._collect(needed, decompose_block)
             for key, (method, _) in pending.items():
                 writers[key].finish({"method": method.name, "shapes": shapes[key], "facts": facts[key]})
+                if key in grouped:
+                    self.timings[f"decompose:{method.name}"] += round(grouped[key].seconds, 3)
         except BaseException:
             for writer in writers.values():
                 writer.abandon()

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from bench.api.grouped import ROWS as SHARED_ROWS
 from bench.api.lowrank import Factorization
 from bench.storage import (
     atomic_write_text,
@@ -224,9 +225,10 @@ def useful_rank(m: int, n: int) -> int:
 
 
 def factor_tensors(name: str, factorization: Factorization) -> dict[str, torch.Tensor]:
-    """What the store keeps of one factorization (float64; u and vt cut at the useful rank)."""
+    """What the store keeps of one factorization (float64; u and vt cut at the useful rank - of the stacked
+    matrix for a member of a shared group, whose rank may pass its own)."""
     m, n = factorization.shape
-    keep = min(factorization.u.shape[1], useful_rank(m, n))
+    keep = min(factorization.u.shape[1], useful_rank(int(factorization.facts.get(SHARED_ROWS, m)), n))
     return {f"{name}.u": factorization.u[:, :keep].double().clone(), f"{name}.s": factorization.s.double().clone(),
             f"{name}.vt": factorization.vt[:keep].double().clone()}
 

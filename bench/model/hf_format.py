@@ -18,19 +18,20 @@ GUARD = (f"model.safetensors holds layers compressed by svdbench, which transfor
 FINGERPRINT = "svdbench_fingerprint"  # key of the safetensors header metadata
 
 
-def hf_quantization_config(ranks: dict, quantized: dict, dtype: str) -> dict:
-    """The ``quantization_config`` entry for a model with this layout."""
+def hf_quantization_config(ranks: dict, quantized: dict, dtype: str, shared: dict | None = None) -> dict:
+    """The ``quantization_config`` entry for a model with this layout (``shared``: tied factors, where any)."""
     from importlib.metadata import version
 
     return {"quant_method": QUANT_METHOD, "format": FORMAT, "saved_dtype": dtype, "ranks": ranks,
-            "quantized": quantized, "svdbench_version": version("svdbench")}
+            "quantized": quantized, "svdbench_version": version("svdbench"), **({"shared": shared} if shared else {})}
 
 
-def write_config(model_config, directory: Path, ranks: dict, quantized: dict, dtype: str) -> None:
+def write_config(model_config, directory: Path, ranks: dict, quantized: dict, dtype: str,
+                 shared: dict | None = None) -> None:
     """Write ``config.json`` saying what the saved weights are: svdbench's quantization config (in place of any
     the source had: a gguf one is not true of them) and the guard."""
     config = copy.deepcopy(model_config)
-    config.quantization_config = hf_quantization_config(ranks, quantized, dtype)
+    config.quantization_config = hf_quantization_config(ranks, quantized, dtype, shared)
     config.save_pretrained(directory)
     path = Path(directory) / "config.json"
     data = json.loads(path.read_text())

@@ -42,26 +42,31 @@ from bench.errors import UsageError
 from bench.model.hf_format import FINGERPRINT, FORMAT, GUARD, QUANT_METHOD, hf_quantization_config
 from bench.model.loaded import fingerprint
 from bench.model.saving import compressed_layout, rebuild, validate_layout
+from bench.model.shared import alias_weights, shared_modules
 
 
 class SvdbenchConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config``: the compressed layout of the saved weights."""
 
     def __init__(self, ranks: dict | None = None, quantized: dict | None = None, saved_dtype: str = "float32",
-                 format: int = FORMAT, svdbench_version: str | None = None, **_ignored):
+                 format: int = FORMAT, svdbench_version: str | None = None, shared: dict | None = None, **_ignored):
         self.quant_method = QUANT_METHOD
         self.format, self.saved_dtype, self.svdbench_version = format, saved_dtype, svdbench_version
         self.ranks, self.quantized = dict(ranks or {}), dict(quantized or {})
+        if shared:  # factors used by several layers (bench.model.shared); absent otherwise, as before
+            self.shared = dict(shared)
 
     def layout(self) -> dict:
         """What :func:`bench.model.saving.rebuild` reads."""
-        return {"dtype": self.saved_dtype, "ranks": self.ranks, "quantized": self.quantized}
+        return {"dtype": self.saved_dtype, "ranks": self.ranks, "quantized": self.quantized,
+                **({"shared": self.shared} if getattr(self, "shared", None) else {})}
 
 
 def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` of ``config.json`` for a compressed ``model``."""
     ranks, quantized = compressed_layout(model)
-    return hf_quantization_config(ranks, quantized, str(next(model.parameters()).dtype).removeprefix("torch."))
+    return hf_quantization_config(ranks, quantized, str(next(model.parameters()).dtype).removeprefix("torch."),
+                                  shared_modules(model))
 
 
 def mark_compressed(model: nn.Module) -> nn.Module:
@@ -110,6 +115,10 @@ class SvdbenchQuantizer(HfQuantizer):
         layout = self.quantization_config.layout()
         floating = self._dtype if isinstance(self._dtype, torch.dtype) else None
         rebuild(model, layout, where, dtype=floating)
+        # a factor used by several layers is in the file once: transformers must treat the others as tied to it
+        # (not missing: it would initialize them, i.e. the shared module, at random after loading)
+        model.all_tied_weights_keys = {**(getattr(model, "all_tied_weights_keys", None) or {}),
+                                       **alias_weights(layout.get("shared", {}))}
         for name in [*layout["ranks"], *layout["quantized"]]:  # a parent's own init (GPT-2 scales each block's
             model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True  # c_proj) expects a dense weight
         skip = sentinel(self.quantization_config)[0]
@@ -130,7 +139,9 @@ class SvdbenchQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """What ``save_pretrained`` writes: the weights, the sentinel, the fingerprint."""
         key, value = sentinel(self.quantization_config)
-        return {**model.state_dict(), key: value}, {FINGERPRINT: fingerprint(model)}
+        aliases = alias_weights(shared_modules(model))  # a shared factor is written once, under its owner's name
+        tensors = {k: v for k, v in model.state_dict().items() if k not in aliases}
+        return {**tensors, key: value}, {FINGERPRINT: fingerprint(model)}
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
@@ -141,7 +152,7 @@ class SvdbenchQuantizer(HfQuantizer):
 
 
 def _tied(model: nn.Module) -> set[str]:
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    tied = {**(getattr(model, "all_tied_weights_keys", None) or {}), **alias_weights(shared_modules(model))}
     return set(tied) | set(tied.values())
 
 

@@ -56,6 +56,7 @@ from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.prepare import prepare_model
 from bench.model.quantized import BITS, GPTQ_GROUP_SIZES, META_DTYPES, GPTQLinear, QuantizedLinear
+from bench.model.shared import layout_error, shared_modules, tie_modules
 from bench.model.targets import set_module
 from bench.storage import (
     atomic_write_text,
@@ -357,14 +358,15 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
             with guarded(tmp, need):
                 tmp.mkdir()
                 ranks, quantized = compressed_layout(model)
+                shared = shared_modules(model)  # saved once (below: each storage once), tied again on load
                 dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-                write_config(model.config, tmp, ranks, quantized, dtype)  # svdbench's quantization_config only
+                write_config(model.config, tmp, ranks, quantized, dtype, shared)  # svdbench's quantization_config
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
                 weights = fingerprint(model)
                 save_file(_unique_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})
             full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"), "dtype": dtype,
-                    "ranks": ranks, "quantized": quantized, "fingerprint": weights}
+                    "ranks": ranks, "quantized": quantized, "fingerprint": weights, **({"shared": shared} if shared else {})}
             atomic_write_text(tmp / CARD, render_card(json.loads(json.dumps(full, default=str))))
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             full.update({"weights": {WEIGHTS: files[WEIGHTS]}, "files": files})
@@ -430,6 +432,9 @@ def validate_layout(layout: dict, where: str) -> None:
         _check(isinstance(entry, dict) and entry.get("quantizer") in QUANTIZED_LAYOUTS, where,
                f"{name}: quantizer {entry.get('quantizer') if isinstance(entry, dict) else entry!r} is not one of "
                f"{', '.join(QUANTIZED_LAYOUTS)}")
+    if "shared" in layout:
+        error = layout_error(layout["shared"], layout["ranks"])
+        _check(error is None, where, error or "")
 
 
 def _verify_files(path: Path, manifest: dict) -> None:
@@ -460,13 +465,19 @@ def rebuild(model: nn.Module, manifest: dict, where: str, dtype: torch.dtype | N
             raise ManifestError(f"{where}: {what} {name} is not a module of the saved architecture; "
                                 "re-create the model with svdbench compress") from None
 
+    shared = manifest.get("shared", {})
+    sharing = {name.rpartition(".")[0] for pair in shared.items() for name in pair}  # a group's rank may pass m
     for name, rank in manifest["ranks"].items():
         dense = dense_at(name, "compressed matrix")
         _check(isinstance(dense, nn.Linear), where, f"{name} is a {type(dense).__name__}, not a linear layer")
-        _check(rank <= min(dense.in_features, dense.out_features), where,
+        _check(rank <= (dense.in_features if name in sharing else min(dense.in_features, dense.out_features)), where,
                f"rank {rank} of {name} exceeds its {dense.out_features} x {dense.in_features} matrix")
         set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None,
                                               dtype=dtype))
+    try:
+        tie_modules(model, shared)
+    except ValueError as error:
+        raise ManifestError(f"{where}: {error}; re-create the model with svdbench compress") from None
     for name, entry in manifest["quantized"].items():
         layout = QUANTIZED_LAYOUTS[entry["quantizer"]]
         layout.validate(entry, dense_at(name, "quantized layer"), f"{where} {name}")
