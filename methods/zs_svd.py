@@ -39,7 +39,19 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import Budget, PaperNotes, UsageError, as_allocation, exact_saving, hookimpl, matrix_costs, zero_sum_walk
+from bench import (
+    Budget,
+    LowRankLinear,
+    PaperNotes,
+    UsageError,
+    as_allocation,
+    cholesky_whitening,
+    exact_saving,
+    factorize,
+    hookimpl,
+    matrix_costs,
+    zero_sum_walk,
+)
 from bench.api.configs import config_dict
 from methods.svdllm import SVDLLMWhitening
 
@@ -51,6 +63,8 @@ class ZSSVDConfig:
     gradient: str = "weight_grad"  # the statistic giving dL/dW (weight_grad: first window; weight_grad_all)
     keep_rank_ratio: float | None = None  # kappa; None: 0.3 from ratio 0.6 on, else 0 (the authors' scripts)
     count: str = "exact"  # "exact" or "authors" (see the module docstring)
+    correction: bool = False  # the projection correction after truncation, then re-truncation (see refine)
+    correction_seqlen: int = 1024  # tokens of the first calibration window its gradient uses (authors': 1024)
 
     def __post_init__(self):
         if self.count not in COUNTS:
@@ -83,6 +97,43 @@ def keep_ratio(config: ZSSVDConfig, ratio: float) -> float:
     return 0.3 if ratio >= 0.6 - 1e-9 else 0.0
 
 
+def corrected(weight: torch.Tensor, truncated: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``W_r + <g, W - W_r>/<g, g> g``: the truncation error's component along the gradient put back
+    (authors' ``corrections.py:run_pull_subspace_between_stages`` with one gradient, its ``eps = 1e-6``)."""
+    g = gradient.double()
+    c = float((g * (weight.double() - truncated.double())).sum() / ((g * g).sum() + 1e-6))
+    return truncated.double() + c * g, c
+
+
+def truncated_gradients(model, layers: dict, window: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``dL/dW_r`` of every low-rank layer at its truncated weight ``W_r = W_u W_v`` (sum over tokens of
+    ``dy x^T``, float64), from one window's LM loss."""
+    inputs, grads, handles = {}, {}, []
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def hook(name):
+        def forward(_module, args, output):
+            inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            output.register_hook(lambda g: grads.__setitem__(name, g.reshape(-1, g.shape[-1]).double()))
+        return forward
+
+    try:
+        for name, layer in layers.items():
+            layer.up.weight.requires_grad_(True)  # so that the outputs carry a graph
+            handles.append(layer.register_forward_hook(hook(name)))
+        with torch.enable_grad():
+            model(window[None], labels=window[None], use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+    return {name: grads[name].T @ inputs[name] for name in layers if name in grads}
+
+
 FIDELITY = "not measured yet"
 
 
@@ -106,7 +157,9 @@ class ZSSVD(SVDLLMWhitening):
             "savings counted exactly (count=exact); the authors' code credits each low-rank matrix one (m + n) "
             "too few and so removes slightly more than the ratio (count=authors reproduces it)",
             "float64 SVD and gradients (the authors': float16 model, float32 SVD, autocast on CUDA)",
-            "one stage only; the multi-stage variant and its between-stage correction are not implemented",
+            "one stage only (the authors' 6-stage variant recomputes scores per stage); its between-stage "
+            "projection correction is offered once, after truncation (correction=true, off by default as in the "
+            "one-shot script), with the first calibration window instead of a random one",
         ),
     )
 
@@ -136,6 +189,31 @@ class ZSSVD(SVDLLMWhitening):
         saving = exact_saving if config.count == "exact" else authors_saving
         ranks, facts = zero_sum_walk(deltas, costs, Budget(total - int(ratio * total)), floors, saving=saving)
         return as_allocation(ranks, costs, {**facts, "keep_rank_ratio": kappa, "count": config.count})
+
+    def refine(self, model, ratio, context, config):
+        """With ``correction``: ``W <- W_r + <g, W - W_r>/<g,g> g`` with ``g = dL/dW`` at the truncated model
+        (first calibration window, ``correction_seqlen`` tokens), then re-truncated to the same rank by the
+        same whitened SVD. The authors run it between the stages of their 6-stage variant; here once."""
+        if not config.correction:
+            return {}
+        layers = {t.name: model.get_submodule(t.name) for t in context.targets
+                  if isinstance(model.get_submodule(t.name), LowRankLinear)}
+        window = context.calibration[0, :config.correction_seqlen]
+        grads = truncated_gradients(model, layers, window)
+        steps = []
+        for target in context.targets:
+            if target.name not in grads:
+                continue
+            layer = layers[target.name]
+            w_r = layer.up.weight.detach().double() @ layer.down.weight.detach().double()
+            fixed, c = corrected(context.weight(target), w_r, grads[target.name])
+            transform, _ = cholesky_whitening(context.stats.get("gram", target.name))
+            w_u, w_v = factorize(fixed, transform).factors(layer.rank, layer.up.weight.dtype)
+            with torch.no_grad():
+                layer.up.weight.copy_(w_u)
+                layer.down.weight.copy_(w_v)
+            steps.append(abs(c))
+        return {"corrected": len(steps), "mean_abs_step": sum(steps) / max(1, len(steps))}
 
 
 @hookimpl

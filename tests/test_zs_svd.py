@@ -18,7 +18,7 @@ from bench.engine.plugins import load_registry
 from bench.model.targets import find_targets
 from methods.statistics import Gram
 from methods.weight_grad import WeightGrad, WeightGradAll
-from methods.zs_svd import ZSSVD, ZSSVDConfig, authors_saving, component_gradients
+from methods.zs_svd import ZSSVD, ZSSVDConfig, authors_saving, component_gradients, corrected
 
 SHIM = '''from methods.weight_grad import register_statistics  # noqa: F401
 from methods.zs_svd import register_methods  # noqa: F401
@@ -85,7 +85,7 @@ def test_zero_sum_walk_balances_and_meets_the_budget(seed, ratio):
     ranks, facts = zero_sum_walk(deltas, costs, budget, {"m0": 3}, trace=trace)
     biggest = max(abs(d) for values in deltas.values() for d in values)
     previous, balanced = 0.0, 0
-    for name, delta, running, both in trace:
+    for _name, delta, running, both in trace:
         if not both:  # from here on one heap has run dry (it may refill): the bound holds no more
             break
         assert (delta >= 0) == (previous <= 0)  # a positive candidate when the sum is <= 0, else a negative one
@@ -152,3 +152,15 @@ def test_cli_runs_zs_svd_on_a_tiny_model(checkpoint_dir, tmp_path):
     rows = {(r["method"], r["ratio"]): r for r in data["records"]}
     assert {("zs_svd", 0.2), ("zs_svd", 0.4)} <= set(rows)
     assert all(math.isfinite(rows[("zs_svd", r)]["value"]) for r in (0.2, 0.4))
+    fixed = tmp_path / "corrected"
+    assert main([*argv[:-1], str(fixed), "--ratios", "0.4", "--method-option", "zs_svd.correction=true"]) == 0
+    [row] = [r for r in load_results(fixed)["records"] if r["method"] == "zs_svd"]
+    assert math.isfinite(row["value"]) and row["value"] != rows[("zs_svd", 0.4)]["value"]
+
+
+def test_correction_leaves_no_error_along_the_gradient():
+    g = torch.Generator().manual_seed(3)
+    weight, truncated, gradient = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    fixed, step = corrected(weight, truncated, gradient * 10)
+    assert abs(float((gradient * (weight - fixed)).sum())) < 1e-6 and step != 0
+    assert torch.allclose(fixed - truncated, step * gradient * 10)
