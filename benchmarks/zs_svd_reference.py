@@ -227,10 +227,10 @@ def stage_plan(states, stage_budget):
     return counts, running_sum, removed
 
 
-def compress(model, windows: torch.Tensor, ratio: float, keep_rank_ratio: float) -> dict:
+def compress(model, windows: torch.Tensor, ratio: float, keep_rank_ratio: float, eps: float = 1e-4) -> dict:
     layers = model.model.layers
     calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in windows]
-    profiling = profle_svdllm_shared(layers, model, calib)
+    profiling = profle_svdllm_shared(layers, model, calib, eps=eps)
     grads = compute_average_gradients(model, calib, layers, max_grad_samples=1)
     states, svd_cache, modules, dense_total = {}, {}, {}, 0
     for li, layer in enumerate(layers):
@@ -272,11 +272,12 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--ranks-out", default=None, help="write the ranks as JSON here")
+    parser.add_argument("--eps", type=float, default=1e-4, help="the ridge on G/T (authors': 1e-4; a diagnosis knob)")
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
     windows = calibration_batches(loaded.tokenizer, CalibrationConfig(samples=32, seqlen=512, seed=3))
     keep = 0.3 if args.ratio >= 0.6 else 0.0
-    found = compress(loaded.model, windows, args.ratio, keep)
+    found = compress(loaded.model, windows, args.ratio, keep, args.eps)
     loaded.model.save_pretrained(args.out)
     loaded.tokenizer.save_pretrained(args.out)
     dense = sum(r is None for r in found["ranks"].values())

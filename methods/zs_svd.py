@@ -46,13 +46,13 @@ from bench import (
     UsageError,
     as_allocation,
     cholesky_whitening,
+    config_dict,
     exact_saving,
     factorize,
     hookimpl,
     matrix_costs,
     zero_sum_walk,
 )
-from bench.api.configs import config_dict
 from methods.svdllm import SVDLLMWhitening
 
 COUNTS = ("exact", "authors")
