@@ -25,8 +25,8 @@ gradient checkpointing (135M fits); the authors' ``LowRankLinear`` modeling
 class and checkpoint saving are replaced by writing the product back into
 ``nn.Linear`` weights; progress bars and logging dropped.
 
-Usage: ``python benchmarks/zs_svd_reference.py --ratio 0.2 --out /tmp/zs_ref_20``
-then ``svdbench run --model /tmp/zs_ref_20 --methods none --tasks wikitext2
+Usage: ``python benchmarks/zs_svd_reference.py --ratios 0.2,0.4 --out /tmp/zs_ref``
+then ``svdbench run --model /tmp/zs_ref/r20 --methods none --tasks wikitext2
 --limit 8 --seqlen 2048``. Measured numbers: see ``methods/zs_svd.py``.
 """
 
@@ -227,28 +227,35 @@ def stage_plan(states, stage_budget):
     return counts, running_sum, removed
 
 
-def compress(model, windows: torch.Tensor, ratio: float, keep_rank_ratio: float, eps: float = 1e-4) -> dict:
+def importance(model, windows: torch.Tensor, eps: float = 1e-4) -> dict:
+    """Whitening, gradients and per-component importance of every target, on the original model (the
+    authors' ``recompute_importance``; computed once, shared by the ratios)."""
     layers = model.model.layers
     calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in windows]
     profiling = profle_svdllm_shared(layers, model, calib, eps=eps)
     grads = compute_average_gradients(model, calib, layers, max_grad_samples=1)
-    states, svd_cache, modules, dense_total = {}, {}, {}, 0
+    found = {}
     for li, layer in enumerate(layers):
         for name, mod in find_target_modules_in_layer(layer).items():
-            key = f"layer{li}.{name}"
             W = mod.weight.detach().float()
-            m, n = W.shape
-            dense_total += m * n + (mod.bias.numel() if mod.bias is not None else 0)  # compute_dense_params
             S, grad_sigma, U, Vh = compute_importance_for_layer_fast(W, grads[li][name], profiling[li][name])
-            r_star = break_even_rank(m, n)
-            min_rank = max(1, int(math.ceil(keep_rank_ratio * r_star)))
-            allowed = max(0, min(m, n) - min_rank)
-            if allowed <= 0:
-                continue
+            found[f"model.layers.{li}.{name}"] = (tuple(W.shape), mod.bias, S, grad_sigma, U, Vh, profiling[li][name])
+    return found
+
+
+def compress(found: dict, ratio: float, keep_rank_ratio: float) -> dict:
+    """One stage of zero-sum truncation at ``ratio``: the ranks and the new weights (None: stays dense)."""
+    states, dense_total = {}, 0
+    for key, (shape, bias, S, grad_sigma, _U, _Vh, _L) in found.items():
+        m, n = shape
+        dense_total += m * n + (bias.numel() if bias is not None else 0)  # compute_dense_params
+        r_star = break_even_rank(m, n)
+        min_rank = max(1, int(math.ceil(keep_rank_ratio * r_star)))
+        allowed = max(0, min(m, n) - min_rank)
+        if allowed > 0:
             states[key] = ModulePruneState(key, (m, n), S, grad_sigma, allowed, min(r_star, min(m, n)))
-            svd_cache[key], modules[key] = (U, S, Vh, profiling[li][name]), mod
     counts, running_sum, removed = stage_plan(states, int(dense_total * ratio))
-    ranks = {}
+    ranks, weights = {}, {}
     with torch.no_grad():
         for key in sorted(counts):
             st = states[key]
@@ -256,39 +263,49 @@ def compress(model, windows: torch.Tensor, ratio: float, keep_rank_ratio: float,
             if rank > st.r_star:  # compute_revert_info: above r*, back to full rank (dense)
                 ranks[key] = None
                 continue
-            U, S, Vh, L = svd_cache[key]  # factorize_linear, use_triangular_solve = False
+            _, _, S, _, U, Vh, L = found[key]  # factorize_linear, use_triangular_solve = False
             root = torch.diag(torch.sqrt(S[:rank]))
-            u_factor = U[:, :rank] @ root
-            v_factor = root @ (Vh[:rank] @ torch.linalg.inv(L))
-            modules[key].weight.copy_((u_factor @ v_factor).to(modules[key].weight.dtype))
+            weights[key] = (U[:, :rank] @ root) @ (root @ (Vh[:rank] @ torch.linalg.inv(L)))
             ranks[key] = rank
     kept = sum(st.shape[0] * st.shape[1] if ranks.get(k) is None else ranks[k] * st.cost for k, st in states.items())
-    return {"ranks": ranks, "running_sum": running_sum, "credited_removed": removed,
+    return {"ranks": ranks, "weights": weights, "running_sum": running_sum, "credited_removed": removed,
             "kept_params": kept, "dense_params": dense_total}
 
 
+def save(model, tokenizer, weights: dict, out: str) -> None:
+    """The model with ``weights`` in place, rebuilt from its config (save_pretrained refuses GGUF-loaded
+    models, as in svdbench's own conversion)."""
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    state = model.state_dict()
+    state.update({f"{key}.weight": w.to(torch.float32) for key, w in weights.items()})
+    fresh.load_state_dict(state)
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def main() -> None:
+    import json
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ratio", type=float, required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--ranks-out", default=None, help="write the ranks as JSON here")
+    parser.add_argument("--ratios", default="0.2,0.4")
+    parser.add_argument("--out", required=True, help="a directory per ratio is written under it: r20, r40, ...")
     parser.add_argument("--eps", type=float, default=1e-4, help="the ridge on G/T (authors': 1e-4; a diagnosis knob)")
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
     windows = calibration_batches(loaded.tokenizer, CalibrationConfig(samples=32, seqlen=512, seed=3))
-    keep = 0.3 if args.ratio >= 0.6 else 0.0
-    found = compress(loaded.model, windows, args.ratio, keep, args.eps)
-    loaded.model.save_pretrained(args.out)
-    loaded.tokenizer.save_pretrained(args.out)
-    dense = sum(r is None for r in found["ranks"].values())
-    print(f"ratio {args.ratio}: kept {found['kept_params']:,} of {found['dense_params']:,} target params "
-          f"({1 - found['kept_params'] / found['dense_params']:.4f} removed), {dense} dense, "
-          f"running sum {found['running_sum']:.3g}")
-    if args.ranks_out:
-        import json
-
-        with open(args.ranks_out, "w") as f:
-            json.dump(found["ranks"], f, indent=1)
+    found = importance(loaded.model, windows, args.eps)
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        result = compress(found, ratio, 0.3 if ratio >= 0.6 else 0.0)
+        out = f"{args.out}/r{round(ratio * 100)}"
+        save(loaded.model, loaded.tokenizer, result["weights"], out)
+        with open(f"{out}/zs_ranks.json", "w") as f:
+            json.dump(result["ranks"], f, indent=1)
+        dense = sum(r is None for r in result["ranks"].values())
+        print(f"ratio {ratio}: kept {result['kept_params']:,} of {result['dense_params']:,} target params "
+              f"({1 - result['kept_params'] / result['dense_params']:.4f} removed), {dense} dense of the "
+              f"{len(result['ranks'])} touched, running sum {result['running_sum']:.3g}", flush=True)
 
 
 if __name__ == "__main__":
