@@ -28,7 +28,7 @@ saving only on the step from ``r*`` to ``r* - 1``, so each low-rank matrix is
 credited one ``(m + n)`` too few and a matrix ending at ``r*`` nothing - the
 walk then removes a little more than the ratio.
 
-Measured fidelity against the authors' code: see ``FIDELITY`` below and
+Measured fidelity against the authors' code (not within 1% at 20%): see ``FIDELITY`` below and
 ``benchmarks/zs_svd_reference.py``.
 """
 
@@ -134,7 +134,21 @@ def truncated_gradients(model, layers: dict, window: torch.Tensor) -> dict[str, 
     return {name: grads[name].T @ inputs[name] for name in layers if name in grads}
 
 
-FIDELITY = "not measured yet"
+# Measured 2026-12-03 on SmolLM2-135M, WikiText-2 perplexity (svdbench, --limit 8 --seqlen 2048; dense 19.13):
+#   svdbench:  svdbench --plugins-dir DIR run --model smollm2-135m --methods zs_svd --ratios 0.2,0.4
+#              --tasks wikitext2 --limit 8 --seqlen 2048 --calib-samples 32 --calib-seqlen 512
+#   authors:   python benchmarks/zs_svd_reference.py --ratios 0.2,0.4 --out REF, then
+#              svdbench run --model REF/r20 (REF/r40) --methods none --tasks wikitext2 --limit 8 --seqlen 2048
+#   ratio  svdbench  authors' code  difference
+#   20%    149.52    35.25          +324%   (goal of 1% missed)
+#   40%    458.14    479.0          -4.4%
+# The ranks agree closely (20%: 173 of 210 matrices the same rank, 201 agree on dense; 40%: 164 and 206), so the
+# allocation is not what differs. Unverified lead: the whitening. The authors whiten with chol(G/T + 1e-4 I) (a
+# ridge on every gram), svdbench with chol(G) (shifted only when not positive definite); with 32 x 512 tokens
+# the ridge keeps W on input directions the calibration barely visits. Not yet tested: zs_svd with that ridge,
+# and the reference with --eps 0.
+FIDELITY = ("SmolLM2-135M, wikitext2 --limit 8 --seqlen 2048: svdbench 149.52 / 458.14 vs the authors' code "
+            "35.25 / 479.0 at 20% / 40%; ranks agree closely; unverified lead: the authors' 1e-4 ridge on G/T")
 
 
 class ZSSVD(SVDLLMWhitening):
@@ -157,6 +171,7 @@ class ZSSVD(SVDLLMWhitening):
             "savings counted exactly (count=exact); the authors' code credits each low-rank matrix one (m + n) "
             "too few and so removes slightly more than the ratio (count=authors reproduces it)",
             "float64 SVD and gradients (the authors': float16 model, float32 SVD, autocast on CUDA)",
+            "fidelity not reached at 20%: " + FIDELITY,
             "one stage only (the authors' 6-stage variant recomputes scores per stage); its between-stage "
             "projection correction is offered once, after truncation (correction=true, off by default as in the "
             "one-shot script), with the first calibration window instead of a random one",
