@@ -39,7 +39,7 @@ def windows_of(count: int, length: int = 32) -> torch.Tensor:
 def test_component_gradients_equal_autograd_of_scaling_each_component():
     windows = windows_of(1)
     model, targets, stats = tiny_stats(windows, [Gram(), WeightGrad()])
-    context = Context(model, None, targets, stats, None, "cpu", Path("."), "test")
+    context = Context(model, None, targets, stats, windows, "cpu", Path("."), "test")
     method = ZSSVD()
     for target in (targets[0], targets[6]):  # q_proj (shared input group) and down_proj
         weight = model.get_submodule(target.name).weight.detach()
@@ -120,7 +120,7 @@ def test_authors_count_credits_one_rank_late_and_removes_more():
 def test_allocation_meets_the_budget_and_keeps_dense_above_r_star(ratio):
     windows = windows_of(2)
     model, targets, stats = tiny_stats(windows, [Gram(), WeightGrad()])
-    context = Context(model, None, targets, stats, None, "cpu", Path("."), "test")
+    context = Context(model, None, targets, stats, windows, "cpu", Path("."), "test")
     method = ZSSVD()
     factorizations = {t.name: method.decompose(t, model.get_submodule(t.name).weight.detach(), context,
                                                method.config) for t in targets}
