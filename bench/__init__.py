@@ -19,6 +19,7 @@ _API = {
     **dict.fromkeys(('Allocation', 'Budget', 'MatrixCost', 'as_allocation', 'bisect_scalar', 'greedy_steps',
                      'matrix_costs', 'round_ranks', 'solve_budget', 'truncation_curve', 'uniform_ranks',
                      'water_fill'), "bench.api.allocation"),
+    **dict.fromkeys(('exact_saving', 'zero_sum_walk'), "bench.api.zero_sum"),
     **dict.fromkeys(('build_config', 'config_dict'), "bench.api.configs"),
     **dict.fromkeys(('SHARED', 'group_cost', 'group_key', 'share_factorization', 'shared_key'), "bench.api.grouped"),
     **dict.fromkeys(('Command', 'hookimpl'), "bench.api.hookspecs"),

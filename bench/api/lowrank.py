@@ -113,13 +113,18 @@ class Factorization:
     descending order and ``vt`` is ``k x n`` with ``S^(-1)`` already applied,
     so ``W ~= u[:, :r] diag(s[:r]) vt[:r]`` at every rank ``r``. ``facts``
     holds what the method found on the way (e.g. the Cholesky shift a gram
-    needed); the harness records it with the compression.
+    needed); the harness records it with the compression. ``scores``
+    (optional, one float64 value per singular value, stored in full like
+    ``s``) is what a method computed per component for its allocator, e.g.
+    ZS-SVD's first-order loss estimates, which need the components beyond
+    the useful rank that the store does not keep.
     """
 
     u: torch.Tensor
     s: torch.Tensor
     vt: torch.Tensor
     facts: dict = field(default_factory=dict)
+    scores: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

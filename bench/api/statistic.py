@@ -24,7 +24,10 @@ class Statistic:
     statistics observe each target's weight gradient of the LM loss, once per
     calibration sample (``key`` = target name, ``tensor`` = out x in).
     ``version`` is part of the cache key: bump it when the statistic's
-    definition changes.
+    definition changes. ``windows`` (backward statistics): observe only the
+    first that many of the run's calibration windows (``None``: all of them);
+    statistics have no windows of their own, they read the run's
+    (``--calib-samples`` x ``--calib-seqlen``). Part of the cache key when set.
     """
 
     name: ClassVar[str] = ""
@@ -32,6 +35,7 @@ class Statistic:
     needs_backward: ClassVar[bool] = False
     scope: ClassVar[str] = "input"  # "input": each linear's input; "block": each decoder block's input
     version: ClassVar[str] = "1"
+    windows: ClassVar[int | None] = None
 
     def start(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}

@@ -294,7 +294,9 @@ def gradient_statistics(model: nn.Module, targets: list[Target], windows: torch.
         statistic.start()
     try:
         tuple_output = returns_tuple(model, windows[0])
-        for window in tqdm(windows, desc="calibration (gradients)", leave=False, unit="sample"):
+        limits = [s.windows or len(windows) for s in statistics]
+        windows = windows[:max(limits)]  # no backward pass that no statistic observes
+        for number, window in enumerate(tqdm(windows, desc="calibration (gradients)", leave=False, unit="sample")):
             hidden, kwargs = block_inputs(model, window, tuple_output)
             inputs = []
             with torch.no_grad():
@@ -316,8 +318,9 @@ def gradient_statistics(model: nn.Module, targets: list[Target], windows: torch.
                     run_block(block, h, kwargs[index]).backward(grad)
                     for target in by_block.get(index, []):
                         weight = model.get_submodule(target.name).weight
-                        for statistic in statistics:
-                            statistic.observe(target.name, weight.grad)
+                        for statistic, limit in zip(statistics, limits):
+                            if number < limit:
+                                statistic.observe(target.name, weight.grad)
                         weight.grad = None
                 grad = h.grad if index > 0 else None
                 inputs[index] = None
@@ -350,9 +353,12 @@ class StatisticsStore:
 
     def fields(self, statistic: Statistic, model_identity: str, config: CalibrationConfig,
                targets: list[Target]) -> dict:
-        return {"statistic": statistic.name, "version": statistic.version, "scope": statistic.scope,
-                "model": model_identity, "calibration": asdict(config),
-                "data_sha256": calibration_checksum(config.dataset), "targets": [t.name for t in targets]}
+        fields = {"statistic": statistic.name, "version": statistic.version, "scope": statistic.scope,
+                  "model": model_identity, "calibration": asdict(config),
+                  "data_sha256": calibration_checksum(config.dataset), "targets": [t.name for t in targets]}
+        if statistic.windows is not None:  # only then: the keys of every other statistic stay as they were
+            fields["windows"] = statistic.windows
+        return fields
 
 
 def stored_statistics(model_identity: str, targets: list[Target], config: CalibrationConfig,

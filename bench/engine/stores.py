@@ -229,16 +229,20 @@ def factor_tensors(name: str, factorization: Factorization) -> dict[str, torch.T
     matrix for a member of a shared group, whose rank may pass its own)."""
     m, n = factorization.shape
     keep = min(factorization.u.shape[1], useful_rank(int(factorization.facts.get(SHARED_ROWS, m)), n))
-    return {f"{name}.u": factorization.u[:, :keep].double().clone(), f"{name}.s": factorization.s.double().clone(),
-            f"{name}.vt": factorization.vt[:keep].double().clone()}
+    out = {f"{name}.u": factorization.u[:, :keep].double().clone(), f"{name}.s": factorization.s.double().clone(),
+           f"{name}.vt": factorization.vt[:keep].double().clone()}
+    if factorization.scores is not None:  # kept in full, like the spectrum
+        out[f"{name}.scores"] = factorization.scores.double().clone()
+    return out
 
 
 class StoredFactorization(Factorization):
     """A factorization whose spectrum is in memory and whose factors are read from the store when used."""
 
-    def __init__(self, entry: Entry, name: str, s: torch.Tensor, shape: tuple[int, int], facts: dict):
+    def __init__(self, entry: Entry, name: str, s: torch.Tensor, shape: tuple[int, int], facts: dict,
+                 scores: torch.Tensor | None = None):
         self._entry, self._name, self._shape = entry, name, shape
-        self.s = s
+        self.s, self.scores = s, scores
         self.facts = facts
 
     @property
@@ -266,10 +270,11 @@ def stored_factorizations(entry: Entry) -> dict[str, StoredFactorization]:
     for name in shapes:
         by_file.setdefault(entry.index[f"{name}.s"], []).append(name)
     for file, names in by_file.items():
-        spectra = entry.read_file(file, [f"{name}.s" for name in names])
+        spectra = entry.read_file(file, [f"{name}.{part}" for name in names for part in ("s", "scores")
+                                         if f"{name}.{part}" in entry.index])
         for name in names:
             out[name] = StoredFactorization(entry, name, spectra[f"{name}.s"], tuple(shapes[name]),
-                                            facts.get(name, {}))
+                                            facts.get(name, {}), spectra.get(f"{name}.scores"))
     return out
 
 
