@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -62,14 +62,33 @@ class Context:
     method listed in ``requires``; ``calibration`` holds the calibration token
     windows (``samples x seqlen``) for methods that evaluate or train on them;
     ``cache_dir`` is where a method may keep its own verified caches.
+    ``block_pass(model)`` streams the calibration windows through any model
+    (a refiner's: the compressed one) one decoder block at a time.
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], tokenizer: Any, targets: list[Target],
                  stats: CalibrationStats | None, calibration: torch.Tensor | None, device: str, cache_dir: Path,
-                 model_identity: str, weights: Callable[[Target], torch.Tensor] | None = None):
-        self._model, self._weights = model, weights
+                 model_identity: str, weights: Callable[[Target], torch.Tensor] | None = None,
+                 blocks: Callable[[nn.Module, torch.Tensor, str], Iterator] | None = None):
+        self._model, self._weights, self._blocks = model, weights, blocks
         self.tokenizer, self.targets, self.stats, self.calibration = tokenizer, targets, stats, calibration
         self.device, self.cache_dir, self.model_identity = device, cache_dir, model_identity
+
+    def block_pass(self, model: nn.Module) -> Iterator:
+        """The calibration windows streamed through ``model``'s decoder blocks, one step per block, in order.
+
+        Each step has ``index``, ``name`` (the block's module path), ``block``
+        (on the device) and ``run()``, which feeds the block every window's
+        input as it stands - inputs that went through the earlier blocks as
+        the caller left them - so hooks on its modules see them. When the
+        caller moves to the next step, the block's outputs (as the caller left
+        it) become the next block's inputs. Needs the calibration windows
+        (``needs_calibration_data`` or a statistic in ``requires``).
+        """
+        if self._blocks is None or self.calibration is None:
+            raise RuntimeError("this context has no calibration pass: the method needs calibration data "
+                               "(set needs_calibration_data or require a statistic)")
+        return self._blocks(model, self.calibration, self.device)
 
     @property
     def model(self) -> nn.Module:

@@ -43,6 +43,7 @@ from bench.api.record import DENSE, Record
 from bench.api.statistic import CalibrationStats
 from bench.api.task import Measurement, Metric, Task
 from bench.corpora import calibration_checksum
+from bench.engine.blockpass import stream_blocks
 from bench.engine.budget import budget_bytes, fit_budget, parse_budget
 from bench.engine.calibration import calibration_batches, collect_statistics, stored_statistics
 from bench.engine.compress import Compressed, accounting, assemble_from_checkpoint, build_compressed
@@ -366,7 +367,7 @@ class Workspace:
                        stats=self.statistics(method.required_statistics(), collect_with),
                        calibration=self.windows() if method.uses_calibration() else None,
                        device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity,
-                       weights=self.weight)
+                       weights=self.weight, blocks=stream_blocks)
 
     def assembler(self, factorizations: Mapping[str, Factorization]):
         """How compressed models are put together: from the checkpoint when there is one, else from a copy."""
