@@ -246,6 +246,9 @@ class AdaSVD(SVDLLMWhitening):
     def required_statistics(self) -> tuple[str, ...]:
         return ("gram",) if self.config.allocation == "uniform" else self.requires
 
+    def decomposition_statistics(self) -> tuple[str, ...]:
+        return ("gram",)  # decompose is svdllm_w's: the factors are shared with it
+
     def decomposition_key(self, config) -> str:
         # the factors are svdllm_w's, which has no settings: share its factor-store entry
         return super().decomposition_key(NoConfig())

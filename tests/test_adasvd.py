@@ -201,7 +201,10 @@ def test_tau_zero_with_uniform_ratios_equals_svdllm_w(tmp_path):
     targets, windows, stats = tiny_stats(model, tmp_path, names=("gram",))
     ada = AdaSVD().configured(AdaSVD().make_config({"tau": "0", "allocation": "uniform"}), None)
     assert ada.required_statistics() == ("gram",)
-    assert ada.decomposition_key(ada.config) == SVDLLMWhitening().decomposition_key(SVDLLMWhitening().config)
+    base = SVDLLMWhitening()
+    assert ada.decomposition_key(ada.config) == base.decomposition_key(base.config)
+    assert ada.decomposition_statistics() == base.decomposition_statistics() == ("gram",)
+    assert AdaSVD().required_statistics() == ("gram", "block_importance")
     mine, theirs = (compressed(m, 0.4, model, targets, stats, windows) for m in (ada, SVDLLMWhitening()))
     assert mine.layers == theirs.layers
     a, b = mine.model.state_dict(), theirs.model.state_dict()
@@ -252,6 +255,8 @@ def test_cli_run_of_adasvd_beside_svdllm_w(checkpoint_dir, tmp_path):
     rows = {(r["method"], r["metric"]): r["value"] for r in data["records"] if r["task"] == "wikitext2"}
     assert {"svdllm_w", "adasvd"} <= {method for method, _ in rows}
     assert all(math.isfinite(v) for v in rows.values())
+    timings = data["manifest"]["timings"]
+    assert "decompose:svdllm_w" in timings and "decompose:adasvd" not in timings  # one factor entry, shared
     compression = next(c for c in data["compressions"].values() if c["method"] == "adasvd")
     assert compression["facts"]["refine"]["adacomp"]["layers"] > 0
     assert "kept_per_block" in compression["facts"]["allocation"]

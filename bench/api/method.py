@@ -165,6 +165,11 @@ class Method:
         """The statistics this configured method needs (default: ``requires``)."""
         return tuple(self.requires)
 
+    def decomposition_statistics(self) -> tuple[str, ...]:
+        """The statistics ``decompose`` reads (part of the factor-store key; default: all it requires). A method
+        whose ``allocate`` or ``refine`` needs more narrows it, so it shares factors with its base method."""
+        return self.required_statistics()
+
     def uses_calibration(self) -> bool:
         """Whether results depend on the calibration data (so resume keys include its settings)."""
         return bool(self.required_statistics()) or self.needs_calibration_data

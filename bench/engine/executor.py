@@ -248,7 +248,7 @@ class Workspace:
         return {"model": self.loaded.identity, "decomposition": method.decomposition_key(method.config),
                 "code": method.decomposition_version(),
                 "statistics": {name: self.registry.get("statistic", name).version
-                               for name in method.required_statistics()},
+                               for name in method.decomposition_statistics()},
                 "calibration": config_dict(self.config.calibration) if calibrated else None,
                 "data_sha256": calibration_checksum(self.config.calibration.dataset) if calibrated else None,
                 "targets": [t.name for t in self.targets], "dtype": self.config.dtype}
