@@ -15,7 +15,9 @@ A method goes through up to four stages; only ``decompose`` is required:
    heterogeneous ratios (ASVD, SVD-LLM V2, DipSVD) override it, on the
    shared budget solver and cost model of :mod:`bench.api.allocation`.
 4. ``refine`` - optional post-truncation work on the compressed model, in
-   place (a LoRA update, quantization of the factors).
+   place (a LoRA update, quantization of the factors); ``Context.block_pass``
+   streams the calibration windows through the compressed model block by
+   block (AdaSVD's alternating least squares on its inputs).
 
 A method's settings are a small frozen dataclass (``config_class``) built
 from ``--method-option`` values by its type hints; it is recorded in
