@@ -3,10 +3,14 @@
 All accumulate in float64: ``gram`` (X X^T per input group, SVD-LLM and its
 successors), ``hidden_gram`` (H H^T of the hidden states entering each decoder
 block, DipSVD's compressibility), ``abs_mean`` (ASVD), ``fisher`` (FWSVD) and
-``grad_norm`` (DipSVD's importance).
+``grad_norm`` (DipSVD's importance), ``block_importance`` (AdaSVD's adaCR:
+``1 - cos`` of each decoder block's input and output hidden states per token,
+averaged over the calibration tokens, ShortGPT's block influence).
 """
 
 from __future__ import annotations
+
+import torch
 
 from bench import Statistic, hookimpl
 
@@ -30,6 +34,20 @@ class HiddenGram(Gram):
     name = "hidden_gram"
     description = "H H^T of the hidden states entering each decoder block, keyed by the block's path (float64)"
     scope = "block"
+
+
+class BlockImportance(Statistic):
+    name = "block_importance"
+    description = "mean over calibration tokens of 1 - cos(block input, block output), per decoder block (float64)"
+    scope = "block_io"
+
+    def observe(self, key, tensor):
+        x, y = tensor.double()
+        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
+        self.add(key, (1 - cos).sum().reshape(1), x.shape[0])
+
+    def result(self):
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
 
 
 class AbsMean(Statistic):
@@ -69,5 +87,5 @@ class GradNorm(Statistic):
 
 @hookimpl
 def register_statistics(register):
-    for statistic in (Gram(), HiddenGram(), AbsMean(), Fisher(), GradNorm()):
+    for statistic in (Gram(), HiddenGram(), BlockImportance(), AbsMean(), Fisher(), GradNorm()):
         register(statistic)

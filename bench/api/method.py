@@ -16,7 +16,9 @@ A method goes through up to four stages; only ``decompose`` is required:
    heterogeneous ratios (ASVD, SVD-LLM V2, DipSVD) override it, on the
    shared budget solver and cost model of :mod:`bench.api.allocation`.
 4. ``refine`` - optional post-truncation work on the compressed model, in
-   place (a LoRA update, quantization of the factors).
+   place (a LoRA update, quantization of the factors); ``Context.block_pass``
+   streams the calibration windows through the compressed model block by
+   block (AdaSVD's alternating least squares on its inputs).
 
 A method's settings are a small frozen dataclass (``config_class``) built
 from ``--method-option`` values by its type hints; it is recorded in
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -63,14 +65,33 @@ class Context:
     method listed in ``requires``; ``calibration`` holds the calibration token
     windows (``samples x seqlen``) for methods that evaluate or train on them;
     ``cache_dir`` is where a method may keep its own verified caches.
+    ``block_pass(model)`` streams the calibration windows through any model
+    (a refiner's: the compressed one) one decoder block at a time.
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], tokenizer: Any, targets: list[Target],
                  stats: CalibrationStats | None, calibration: torch.Tensor | None, device: str, cache_dir: Path,
-                 model_identity: str, weights: Callable[[Target], torch.Tensor] | None = None):
-        self._model, self._weights = model, weights
+                 model_identity: str, weights: Callable[[Target], torch.Tensor] | None = None,
+                 blocks: Callable[[nn.Module, torch.Tensor, str], Iterator] | None = None):
+        self._model, self._weights, self._blocks = model, weights, blocks
         self.tokenizer, self.targets, self.stats, self.calibration = tokenizer, targets, stats, calibration
         self.device, self.cache_dir, self.model_identity = device, cache_dir, model_identity
+
+    def block_pass(self, model: nn.Module) -> Iterator:
+        """The calibration windows streamed through ``model``'s decoder blocks, one step per block, in order.
+
+        Each step has ``index``, ``name`` (the block's module path), ``block``
+        (on the device) and ``run()``, which feeds the block every window's
+        input as it stands - inputs that went through the earlier blocks as
+        the caller left them - so hooks on its modules see them. When the
+        caller moves to the next step, the block's outputs (as the caller left
+        it) become the next block's inputs. Needs the calibration windows
+        (``needs_calibration_data`` or a statistic in ``requires``).
+        """
+        if self._blocks is None or self.calibration is None:
+            raise RuntimeError("this context has no calibration pass: the method needs calibration data "
+                               "(set needs_calibration_data or require a statistic)")
+        return self._blocks(model, self.calibration, self.device)
 
     @property
     def model(self) -> nn.Module:
@@ -146,6 +167,11 @@ class Method:
     def required_statistics(self) -> tuple[str, ...]:
         """The statistics this configured method needs (default: ``requires``)."""
         return tuple(self.requires)
+
+    def decomposition_statistics(self) -> tuple[str, ...]:
+        """The statistics ``decompose`` reads (part of the factor-store key; default: all it requires). A method
+        whose ``allocate`` or ``refine`` needs more narrows it, so it shares factors with its base method."""
+        return self.required_statistics()
 
     def uses_calibration(self) -> bool:
         """Whether results depend on the calibration data (so resume keys include its settings)."""

@@ -20,7 +20,9 @@ class Statistic:
     distinct input group (``key`` = the first target reading it, ``tensor`` =
     tokens x in_features); with ``scope = "block"`` they observe instead the
     hidden states entering each decoder block (``key`` = the block's module
-    path, e.g. ``model.layers.3``; ``tensor`` = tokens x hidden). Backward
+    path, e.g. ``model.layers.3``; ``tensor`` = tokens x hidden); with
+    ``scope = "block_io"`` they observe each block's input and output
+    together (same key; ``tensor`` = 2 x tokens x hidden, input first). Backward
     statistics observe each target's weight gradient of the LM loss, once per
     calibration sample (``key`` = target name, ``tensor`` = out x in).
     ``version`` is part of the cache key: bump it when the statistic's
@@ -33,7 +35,7 @@ class Statistic:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs_backward: ClassVar[bool] = False
-    scope: ClassVar[str] = "input"  # "input": each linear's input; "block": each decoder block's input
+    scope: ClassVar[str] = "input"  # "input": each linear's input; "block": each block's input; "block_io": both
     version: ClassVar[str] = "1"
     windows: ClassVar[int | None] = None
 

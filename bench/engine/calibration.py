@@ -201,6 +201,17 @@ def _passing_through(blocks: nn.ModuleList, last: torch.Tensor | None, tuple_out
 
 # --------------------------------------------------------------------------- the passes
 
+def window_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Every window's first-block hidden states, and ``kwargs[j][i]``: what block ``i`` receives for window ``j``."""
+    tuple_output = returns_tuple(model, windows[0])
+    hidden, kwargs = [], []
+    for window in tqdm(windows, desc="calibration (inputs)", leave=False, unit="sample"):
+        h, k = block_inputs(model, window, tuple_output)
+        hidden.append(h)
+        kwargs.append(k)
+    return hidden, kwargs
+
+
 def _by_block(targets: list[Target]) -> dict[int, list[Target]]:
     out: dict[int, list[Target]] = {}
     for target in targets:
@@ -214,18 +225,14 @@ def forward_statistics(model: nn.Module, targets: list[Target], windows: torch.T
     """Stream ``windows`` through the blocks, calling ``on_block(index, results, groups)`` after each; returns the groups.
 
     ``results`` holds this block's value of every statistic (keys: the
-    block's input-group leaders, or the block's name for block-scope ones).
+    block's input-group leaders, or the block's name for block and block_io
+    scope ones).
     """
     prefix, blocks = decoder_blocks(model)
     by_block = _by_block(targets)
-    per_input = [s for s in statistics if s.scope != "block"]
-    per_block = [s for s in statistics if s.scope == "block"]
-    tuple_output = returns_tuple(model, windows[0])
-    hidden, kwargs = [], []  # kwargs[j][i]: what block i receives for window j
-    for window in tqdm(windows, desc="calibration (inputs)", leave=False, unit="sample"):
-        h, k = block_inputs(model, window, tuple_output)
-        hidden.append(h)
-        kwargs.append(k)
+    per_input = [s for s in statistics if s.scope == "input"]
+    per_block = [s for s in statistics if s.scope in ("block", "block_io")]
+    hidden, kwargs = window_inputs(model, windows)
     groups: dict[str, str] = {}
     for index, block in enumerate(tqdm(blocks, desc="calibration (blocks)", leave=False, unit="block")):
         for statistic in statistics:
@@ -268,15 +275,26 @@ def _observe(model: nn.Module, block: nn.Module, block_name: str, targets: list[
                 statistic.observe(target.name, flat)
         return observe
 
+    def flat(h: torch.Tensor) -> torch.Tensor:
+        return h.detach().reshape(-1, h.shape[-1])
+
     def block_hook(_module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        flat = h.detach().reshape(-1, h.shape[-1])
         for statistic in per_block:
-            statistic.observe(block_name, flat)
+            if statistic.scope == "block":
+                statistic.observe(block_name, flat(args[0] if args else kwargs["hidden_states"]))
+
+    def block_io_hook(_module, args, kwargs, output):
+        x = flat(args[0] if args else kwargs["hidden_states"])
+        y = flat(output[0] if isinstance(output, tuple) else output)
+        for statistic in per_block:
+            if statistic.scope == "block_io":
+                statistic.observe(block_name, torch.stack([x, y]))
 
     handles = [model.get_submodule(t.name).register_forward_hook(hook(t)) for t in targets] if per_input else []
-    if per_block:
+    if any(s.scope == "block" for s in per_block):
         handles.append(block.register_forward_pre_hook(block_hook, with_kwargs=True))
+    if any(s.scope == "block_io" for s in per_block):
+        handles.append(block.register_forward_hook(block_io_hook, with_kwargs=True))
     return handles
 
 

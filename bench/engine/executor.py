@@ -43,6 +43,7 @@ from bench.api.record import DENSE, Record
 from bench.api.statistic import CalibrationStats
 from bench.api.task import Measurement, Metric, Task
 from bench.corpora import calibration_checksum
+from bench.engine.blockpass import stream_blocks
 from bench.engine.budget import budget_bytes, check_budget_floor, fit_budget, parse_budget
 from bench.engine.calibration import calibration_batches, collect_statistics, stored_statistics
 from bench.engine.compress import Compressed, accounting, assemble_from_checkpoint, build_compressed
@@ -249,7 +250,7 @@ class Workspace:
         return {"model": self.loaded.identity, "decomposition": method.decomposition_key(method.config),
                 "code": method.decomposition_version(),
                 "statistics": {name: self.registry.get("statistic", name).version
-                               for name in method.required_statistics()},
+                               for name in method.decomposition_statistics()},
                 "calibration": config_dict(self.config.calibration) if calibrated else None,
                 "data_sha256": calibration_checksum(self.config.calibration.dataset) if calibrated else None,
                 "targets": [t.name for t in self.targets], "dtype": self.config.dtype}
@@ -388,7 +389,7 @@ class Workspace:
                        stats=self.statistics(method.required_statistics(), collect_with),
                        calibration=self.windows() if method.uses_calibration() else None,
                        device=self.config.device, cache_dir=cache_root(), model_identity=self.loaded.identity,
-                       weights=self.weight)
+                       weights=self.weight, blocks=stream_blocks)
 
     def assembler(self, factorizations: Mapping[str, Factorization]):
         """How compressed models are put together: from the checkpoint when there is one, else from a copy."""
