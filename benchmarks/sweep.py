@@ -29,8 +29,8 @@ import time
 
 from bench.engine.compress import allocation_of, compress_model
 from bench.engine.config import CalibrationConfig, RunConfig
-from bench.engine.executor import Workspace
 from bench.engine.plugins import load_registry
+from bench.engine.workspace import Workspace
 from bench.model.loading import load_model
 
 LIMIT = 1.5
