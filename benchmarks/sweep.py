@@ -1,7 +1,7 @@
 """Sweep efficiency: compression time for one ratio versus four, per registered method.
 
 A ratio sweep decomposes every matrix once and only re-allocates and rebuilds
-the model per ratio (bench/engine/executor.py), so four ratios should cost at
+the model per ratio (bench/engine/groups.py), so four ratios should cost at
 most 1.5x one ratio. This script measures it on SmolLM2-135M (or ``--model``)
 with the harness's own pieces: ``Workspace.context`` collects the statistics
 (timed separately and excluded), ``Workspace.decompose`` decomposes every

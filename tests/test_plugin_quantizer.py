@@ -20,7 +20,7 @@ PLUGIN = '''
 import torch
 from torch import nn
 
-from bench import Factorization, Method, QuantizedLayout, hookimpl, set_module
+from bench import Allocation, Method, QuantizedLayout, hookimpl, set_module
 
 
 class RowInt8Linear(nn.Module):
@@ -72,12 +72,8 @@ class RowInt8(Method):
     def storage_bits(self):
         return 8
 
-    def decompose(self, target, weight, context, config):
-        m, n = weight.shape
-        return Factorization(u=weight.new_zeros(m, 0), s=weight.new_zeros(0), vt=weight.new_zeros(0, n))
-
     def allocate(self, ratio, factorizations, context, config):
-        return {t.name: min(t.out_features, t.in_features) for t in context.targets}
+        return Allocation(dict.fromkeys((t.name for t in context.targets), None))  # all stay dense
 
     def refine(self, model, ratio, context, config):
         for target in context.targets:

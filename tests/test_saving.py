@@ -1,4 +1,4 @@
-"""Saving compressed models as safetensors + svdbench.json and loading them back (bench/saving.py)."""
+"""Saving compressed models as safetensors + svdbench.json and loading them back (bench/model/saving.py, reload.py)."""
 
 from __future__ import annotations
 

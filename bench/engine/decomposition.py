@@ -58,6 +58,8 @@ def prepare(workspace, methods: list[Method], collect_with: tuple[str, ...] = ()
     root = store_root("factors")
     pending: dict[str, tuple[Method, dict]] = {}
     for method in methods:
+        if not method.uses_ratio:  # removes no parameters: nothing to factorize
+            continue
         fields = factor_fields(workspace, method)
         key = json_key(fields)
         if key not in pending and open_entry(root, fields, f"{method.name} factorizations") is None:
@@ -164,7 +166,10 @@ def prepare(workspace, methods: list[Method], collect_with: tuple[str, ...] = ()
 
 
 def factorizations(workspace, method: Method, collect_with: tuple[str, ...] = ()) -> dict[str, Factorization]:
-    """Every target's factorization, from the factor store (made first when missing)."""
+    """Every target's factorization, from the factor store (made first when missing); none for a method that
+    removes no parameters (``uses_ratio`` False: it quantizes or otherwise refines the dense model)."""
+    if not method.uses_ratio:
+        return {}
     fields = factor_fields(workspace, method)
     key, root = json_key(fields), store_root("factors")
     entry = open_entry(root, fields, f"{method.name} factorizations")
