@@ -107,7 +107,7 @@ def _progress(total: int):
 
 def _run_local(workspace: Workspace, plan: Plan, results: Results, progress) -> None:
     """Every pending group in this process, one after the other."""
-    sink = ResultsSink(results, workspace, progress)
+    sink = ResultsSink(results, workspace.timings, progress)
     done = progress.n
     methods = [workspace.create(name) for g in plan.groups for name in g.methods if name != DENSE]
     if methods:

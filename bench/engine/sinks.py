@@ -8,13 +8,10 @@ a group run in another process and returned whole to the driver.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from bench.api.record import Record
 from bench.engine.results import Results
-
-if TYPE_CHECKING:
-    from bench.engine.workspace import Workspace
 
 
 class Sink(Protocol):
@@ -54,8 +51,8 @@ class Collected:
 class ResultsSink:
     """The local executor's sink: every finished cell goes straight into results.json."""
 
-    def __init__(self, results: Results, workspace: Workspace, progress):
-        self.results, self.workspace, self.progress = results, workspace, progress
+    def __init__(self, results: Results, timings: dict[str, float], progress):
+        self.results, self.timings, self.progress = results, timings, progress
         self.add_compression, self.add_failure = results.add_compression, results.add_failure
 
     def add(self, records: list[Record]) -> None:
@@ -63,5 +60,5 @@ class ResultsSink:
         self.progress.update(1)  # one call per evaluated cell
 
     def add_timing(self, label: str, seconds: float) -> None:
-        self.results.manifest["timings"] = self.workspace.timings
+        self.results.manifest["timings"] = self.timings
 
