@@ -1,4 +1,4 @@
-"""Files on disk: where caches live, checksums, atomic verified writes, locks and disk errors.
+"""Files on disk: where caches live, checksums and atomic verified writes.
 
 Every file svdbench keeps (converted models, calibration statistics, method
 tables, results) is written the same way: to a temporary name in the same
@@ -6,18 +6,8 @@ directory, flushed and fsync'd, read back and compared, then renamed over the
 final name - a reader sees the old entry or the whole new one, never half a
 file. An entry's checksum is written last and checked before use; the
 checksums of the entries a run read are recorded with its results
-(:func:`note_source`), so a changed entry never serves stale results.
-
-One writer per output: :class:`Lock` is an advisory ``flock`` on a file,
-released by the kernel when its process dies (so a stale lock of a killed
-process is simply taken over), holding the holder's pid and command for the
-error message of the process that finds it taken.
-
-A full disk or an I/O error (ENOSPC, EDQUOT, EIO, EROFS, EACCES) becomes a
-:class:`StorageError`: one line naming the path and roughly how much space the
-step needs. ``SVDBENCH_FAULT_DISK=DIR:BYTES`` makes the write layer behave as if
-``DIR`` sat on a filesystem of ``BYTES`` bytes (the fault-injection suite uses it
-where it cannot mount a tiny tmpfs).
+(:func:`note_source`), so a changed entry never serves stale results. Disk
+errors: :mod:`bench.disk`; locks: :mod:`bench.locks`.
 """
 
 from __future__ import annotations
@@ -30,27 +20,14 @@ import os
 import re
 import shutil
 import socket
-import sys
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from bench.errors import UsageError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None
+from bench.disk import guarded, make_dir
+from bench.locks import entry_lock
 
 log = logging.getLogger(__name__)
 
-DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EIO: "input/output error", errno.EROFS: "read-only file system",
-               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-               errno.ENOTDIR: "a path component is a file, not a directory",
-               errno.EEXIST: "a file of that name is in the way"}
 TEMPORARY_SUFFIXES = (".tmp", ".partial", ".old")
 
 
@@ -71,102 +48,6 @@ def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
 def json_key(fields: dict) -> str:
     """A short stable hash of a JSON-able dictionary (cache keys, resume keys)."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-# --------------------------------------------------------------------------- disk errors
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-class StorageError(UsageError):
-    """A write or read that the filesystem refused (full, read-only, failing): one line, exit 2."""
-
-
-def _free_bytes(path: Path) -> int | None:
-    for candidate in (path, *path.parents):
-        try:
-            return shutil.disk_usage(candidate).free
-        except OSError:
-            continue
-    return None
-
-
-def os_errno(error: BaseException) -> int | None:
-    """The OS error number of ``error``: an ``OSError``'s, or one quoted by a library that wraps it
-    (safetensors: ``... (os error 28)``)."""
-    if isinstance(error, OSError):
-        return error.errno
-    found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(error))
-    return int(found.group(1) or found.group(2)) if found else None
-
-
-def disk_error(error: BaseException, path: Path | str, need: int | None = None) -> StorageError:
-    """``error`` as one line naming ``path``, the reason, and (for a full disk) the space needed and free."""
-    path = Path(error.filename) if getattr(error, "filename", None) else Path(path)
-    code = os_errno(error)
-    reason = DISK_ERRORS.get(code, getattr(error, "strerror", None) or str(error))
-    parts = [f"{reason} writing {path}"]
-    if code in (errno.ENOTDIR, errno.EEXIST):
-        parts = [f"{path} (or a directory above it) is a file, not a directory"]
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_bytes(path.parent)
-        need_text = f"this step needs about {human_bytes(need)}" if need else "this step needs more space"
-        parts.append(need_text + (f", {human_bytes(free)} free there" if free is not None else ""))
-        parts.append("free some space (or point --out / SVDBENCH_CACHE elsewhere) and run the same command "
-                     "again: finished cells are kept")
-    elif code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
-        parts.append("give a writable directory")
-    else:
-        parts.append("check the disk, then run the same command again: finished cells are kept")
-    return StorageError("; ".join(parts))
-
-
-def is_disk_error(error: BaseException) -> bool:
-    return os_errno(error) in DISK_ERRORS
-
-
-def _injected_fault(path: Path, need: int) -> None:
-    """``SVDBENCH_FAULT_DISK=DIR:BYTES``: behave as if DIR were a filesystem of BYTES bytes (tests)."""
-    spec = os.environ.get("SVDBENCH_FAULT_DISK")
-    if not spec or not need:
-        return
-    root, _, size = spec.rpartition(":")
-    root_path = Path(root).resolve()
-    target = path.resolve()
-    if root_path != target and root_path not in target.parents:
-        return
-    used = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root_path) for f in files)
-    if used + need > int(size):  # an atomic write's new copy sits beside the old one until the rename
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
-@contextmanager
-def guarded(path: Path | str, need: int | None = None) -> Iterator[None]:
-    """Turn a disk error raised inside into a one-line :class:`StorageError` about ``path``."""
-    try:
-        _injected_fault(Path(path), need or 0)
-        yield
-    except StorageError:
-        raise
-    except Exception as error:  # OSError, or a library's error quoting one
-        if is_disk_error(error):
-            raise disk_error(error, path, need) from None
-        raise
-
-
-def make_dir(path: Path | str) -> Path:
-    """``mkdir -p`` with a one-line error when it cannot be made (a file in the way, read-only, full)."""
-    path = Path(path)
-    with guarded(path):
-        if path.exists() and not path.is_dir():
-            raise OSError(errno.ENOTDIR, "not a directory", str(path))
-        path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -269,105 +150,6 @@ def sweep_temporaries(directory: Path | str) -> list[Path]:
     if removed:
         log.info("removed %d temporary file(s) left in %s by interrupted runs", len(removed), directory)
     return removed
-
-
-# --------------------------------------------------------------------------- locks
-
-class LockHeld(UsageError):
-    """Another live process holds the lock."""
-
-
-class Lock:
-    """An advisory exclusive lock on ``path`` (``flock``), with the holder's pid and command written inside.
-
-    The kernel drops the lock when its process dies, so the lock of a killed
-    run is taken over by the next one (its file still names the dead pid;
-    that is overwritten). ``acquire(wait=False)`` fails at once with a
-    :class:`LockHeld` naming the holder; ``wait=True`` waits for it.
-    """
-
-    _held: dict[str, list] = {}  # resolved path -> [fd, depth]: a process re-entering its own lock
-
-    def __init__(self, path: Path | str, what: str):
-        self.path, self.what = Path(path), what
-        self.fd: int | None = None
-        self._reentered = False
-
-    def holder(self) -> dict:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-            return info if isinstance(info, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def describe_holder(self) -> str:
-        info = self.holder()
-        if not info.get("pid"):
-            return "another process"
-        where = "" if info.get("host") in (None, socket.gethostname()) else f" on {info['host']}"
-        return (f"process {info['pid']}{where} (`{info.get('command', '?')}`, started {info.get('started', '?')})")
-
-    def acquire(self, wait: bool = False) -> Lock:
-        make_dir(self.path.parent)
-        key = str(self.path.resolve())
-        if key in Lock._held:  # this process holds it already (e.g. the CLI around run())
-            Lock._held[key][1] += 1
-            self.fd, self._reentered = Lock._held[key][0], True
-            return self
-        with guarded(self.path):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if not wait:
-                        raise LockHeld(f"{self.what} is in use by {self.describe_holder()}; wait for it to finish "
-                                       "or choose another directory") from None
-                    log.info("waiting for %s, which is writing %s", self.describe_holder(), self.what)
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-            with guarded(self.path):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(info).encode(), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        Lock._held[key] = [fd, 1]
-        return self
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        key = str(self.path.resolve())
-        held = Lock._held.get(key)
-        if held is not None:
-            held[1] -= 1
-            if held[1] > 0:
-                self.fd = None
-                return
-            del Lock._held[key]
-        if not self._reentered or held is not None:
-            try:
-                os.ftruncate(self.fd, 0)
-            except OSError:
-                pass
-            os.close(self.fd)  # closing drops the flock
-        self.fd = None
-
-    def __enter__(self) -> Lock:
-        return self.acquire(wait=True) if self.fd is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def entry_lock(path: Path | str) -> Lock:
-    """The lock a writer of cache entry ``path`` holds while it builds and publishes it (others wait)."""
-    path = Path(path)
-    return Lock(path.with_name(f".{path.name}.lock"), f"cache entry {path}")
 
 
 # --------------------------------------------------------------------------- sealed JSON

@@ -38,8 +38,8 @@ def main() -> None:
     reuse_freed_memory()  # as the svdbench command does
 
     from bench.engine.config import CalibrationConfig, RunConfig
-    from bench.engine.executor import Workspace
     from bench.engine.plugins import load_registry
+    from bench.engine.workspace import Workspace
     from methods.asvd import measure_sensitivity, sensitivity_windows
 
     workspace = Workspace(RunConfig(methods=("asvd",), calibration=CalibrationConfig(samples=16, seqlen=256)),

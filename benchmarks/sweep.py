@@ -1,7 +1,7 @@
 """Sweep efficiency: compression time for one ratio versus four, per registered method.
 
 A ratio sweep decomposes every matrix once and only re-allocates and rebuilds
-the model per ratio (bench/engine/executor.py), so four ratios should cost at
+the model per ratio (bench/engine/groups.py), so four ratios should cost at
 most 1.5x one ratio. This script measures it on SmolLM2-135M (or ``--model``)
 with the harness's own pieces: ``Workspace.context`` collects the statistics
 (timed separately and excluded), ``Workspace.decompose`` decomposes every
@@ -29,8 +29,8 @@ import time
 
 from bench.engine.compress import allocation_of, compress_model
 from bench.engine.config import CalibrationConfig, RunConfig
-from bench.engine.executor import Workspace
 from bench.engine.plugins import load_registry
+from bench.engine.workspace import Workspace
 from bench.model.loading import load_model
 
 LIMIT = 1.5

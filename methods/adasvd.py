@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from bench import (
+    Allocation,
     Budget,
     LowRankLinear,
     NoConfig,
@@ -255,7 +256,7 @@ class AdaSVD(SVDLLMWhitening):
 
     def allocate(self, ratio, factorizations, context, config):
         if config.allocation == "uniform":
-            return uniform_ranks(context.targets, ratio)
+            return Allocation(uniform_ranks(context.targets, ratio))
         costs = matrix_costs(context.targets)
         budget = Budget.uniform(costs, ratio)
         blocks = {t.block: block_path(t) for t in context.targets}

@@ -457,9 +457,9 @@ class ASVD(Method):
         return table, {"sensitivity_cached": False, "sensitivity_seconds": round(seconds, 3),
                        "sensitivity_tokens": list(ids.shape)}
 
-    def allocate(self, ratio, factorizations, context, config) -> dict[str, int] | Allocation:
+    def allocate(self, ratio, factorizations, context, config) -> Allocation:
         if config.allocation == "uniform":
-            return uniform_ranks(context.targets, ratio)
+            return Allocation(uniform_ranks(context.targets, ratio))
         table, facts = self.sensitivity(factorizations, context, config)
         budget = uniform_budget(context.targets, ratio)
         try:

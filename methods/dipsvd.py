@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from bench import (
+    Allocation,
     Context,
     Factorization,
     Method,
@@ -181,9 +182,9 @@ class DipSVD(Method):
             scores[block] = importance ** config.importance_exponent * rank ** (1 - config.importance_exponent)
         return scores
 
-    def allocate(self, ratio, factorizations, context, config) -> dict[str, int]:
+    def allocate(self, ratio, factorizations, context, config) -> Allocation:
         if config.allocation == "uniform":
-            return uniform_ranks(context.targets, ratio)
+            return Allocation(uniform_ranks(context.targets, ratio))
         target_kept = 1 - ratio
         if not config.min_kept <= target_kept <= config.max_kept:
             log.info("dipsvd: kept fraction %.2f is outside [%.2f, %.2f]; the clip range is widened to include it",
@@ -194,8 +195,8 @@ class DipSVD(Method):
         kept = layer_kept_fractions(self.layer_scores(context, config), params, target_kept,
                                     config.spread, config.min_kept, config.max_kept)
         log.info("dipsvd at ratio %.2f: kept fraction per block %s", ratio, {block: round(f, 3) for block, f in kept.items()})
-        return {t.name: rank_for_ratio(t.out_features, t.in_features, max(0.0, 1 - kept[t.block]))
-                for t in context.targets}
+        return Allocation({t.name: rank_for_ratio(t.out_features, t.in_features, max(0.0, 1 - kept[t.block]))
+                           for t in context.targets})
 
 
 @hookimpl

@@ -55,6 +55,7 @@ from bench import (
     GPTQ_GROUP_SIZES,
     GPTQ_INSTALL,
     META_DTYPES,
+    Allocation,
     Factorization,
     LowRankLinear,
     Method,
@@ -273,14 +274,8 @@ class DenseQuantization(Method):
     def storage_bits(self) -> int:
         return self.config.bits
 
-    def decompose(self, target, weight, context, config) -> Factorization:
-        # Nothing to factorize: an empty factorization, never truncated because
-        # allocate asks for full rank (compress_model then keeps every layer dense).
-        m, n = weight.shape
-        return Factorization(u=weight.new_zeros(m, 0), s=weight.new_zeros(0), vt=weight.new_zeros(0, n))
-
-    def allocate(self, ratio, factorizations, context, config) -> dict[str, int]:
-        return {t.name: min(t.out_features, t.in_features) for t in context.targets}
+    def allocate(self, ratio, factorizations, context, config) -> Allocation:
+        return Allocation(dict.fromkeys((t.name for t in context.targets), None))  # every matrix stays dense
 
     def refine(self, model, ratio, context, config) -> dict:
         facts = quantize_with(self.quantizer, model, context, config)

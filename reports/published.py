@@ -116,9 +116,12 @@ def ablation_block() -> list[str]:
 
 def budget_block() -> list[str]:
     bud = load_published()["budget"]
-    rows = [[f"{row['budget_gb']} GB", row["baseline"], row["svdllm"]] for row in bud["rows"]]
+    methods = list(dict.fromkeys(row["method"] for row in bud["rows"]))
+    rows = [[f"{row['budget_gb']} GB", row["baseline"], *(row["value"] if row["method"] == m else None for m in methods)]
+            for row in bud["rows"]]
     return [_label("SVD-LLM Table 7 (equal memory)"), "",
-            _table(["budget", "best pruning baseline ppl ↓", "svdllm ppl ↓"], rows), "", f"- {bud['note']}."]
+            _table(["budget", "best pruning baseline ppl ↓", *(f"{m} ppl ↓" for m in methods)], rows), "",
+            f"- {bud['note']}."]
 
 
 def quantization_block() -> list[str]:
@@ -157,7 +160,7 @@ def write_published_csv(path: Path) -> Path:
                   r["perplexity"]],
                  ["tables2-3", r["model"], r["method"], 0.2 if r["method"] != DENSE else 0.0, "avg acc (six tasks)",
                   r["avg_acc"]]]
-    rows += [["table7", pub["model"], f"svdllm @ {r['budget_gb']} GB", None, "wikitext2 perplexity", r["svdllm"]]
+    rows += [["table7", pub["model"], f"{r['method']} @ {r['budget_gb']} GB", None, "wikitext2 perplexity", r["value"]]
              for r in pub["budget"]["rows"]]
     rows += [["table8", pub["model"], f"{r['method']} @ {r['memory_gb']} GB", None, "wikitext2 perplexity",
               r["perplexity"]] for r in pub["quantization"]["rows"]]

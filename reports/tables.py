@@ -602,6 +602,52 @@ def allocation_table(data: dict, df: pd.DataFrame) -> Table | None:
                  percent=())
 
 
+def _block_of(name: str) -> int | None:
+    """The decoder block a matrix belongs to: the number after ``layers.`` / ``h.`` / ``blocks.`` in its path."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def block_allocation_table(data: dict, df: pd.DataFrame) -> Table | None:
+    """Where each method put its parameters: the kept fraction of every decoder block's compressed matrices,
+    summarized over blocks (uniform allocations show one value; adaptive ones their spread)."""
+    reported = {r.get("compression") for r in data.get("records", [])}
+    rows = []
+    for compression, info in (data.get("compressions") or {}).items():
+        layers = info.get("layers") or {}
+        if compression not in reported or not layers or info.get("budget") or not info.get("ratio"):
+            continue
+        kept: dict[int, list[int]] = {}
+        for name, layer in layers.items():
+            block = _block_of(name)
+            if block is not None and layer.get("dense_params"):
+                totals = kept.setdefault(block, [0, 0])
+                totals[0] += layer.get("params", layer["dense_params"])
+                totals[1] += layer["dense_params"]
+        if len(kept) < 2:
+            continue
+        fractions = {block: p / d for block, (p, d) in sorted(kept.items())}
+        values = sorted(fractions.values())
+        dense = sum(1 for layer in layers.values() if layer.get("rank") is None)
+        rows.append([info["method"], float(info["ratio"]), values[0], values[len(values) // 2], values[-1],
+                     min(fractions, key=fractions.get), max(fractions, key=fractions.get), dense, len(layers)])
+    if not rows or all(row[2] == row[4] for row in rows):
+        return None
+    order = list((data.get("manifest") or {}).get("methods") or {})
+    rows.sort(key=lambda row: (row[1], order.index(row[0]) if row[0] in order else len(order), row[0]))
+    header = ["method", "ratio", "kept: least block", "kept: median block", "kept: most block",
+              "least-kept block", "most-kept block", "matrices left dense", "matrices"]
+    notes = [settings_note(data.get("manifest", {})),
+             "Kept: parameters stored for a decoder block's compressed matrices / their dense parameters (a shared "
+             "basis counted once, in its first layer); uniform allocations keep every block alike, adaptive ones "
+             "(importance- or loss-driven) move parameters between blocks at the same total."]
+    return Table("block_allocation", "Rank allocation across blocks", header, rows, notes,
+                 percent=("ratio", "kept: least block", "kept: median block", "kept: most block"))
+
+
 def methods_table(data: dict, df: pd.DataFrame) -> Table | None:
     """Published vs measured, per method: its paper, the paper's defaults, svdbench's defaults and deviations."""
     methods = (data.get("manifest") or {}).get("methods") or {}
@@ -621,7 +667,7 @@ def methods_table(data: dict, df: pd.DataFrame) -> Table | None:
                  percent=())
 
 
-TABLE_BUILDERS = (main_table, zeroshot_table, ablation_table, allocation_table, budget_table, quantization_table,
+TABLE_BUILDERS = (main_table, zeroshot_table, ablation_table, allocation_table, block_allocation_table, budget_table, quantization_table,
                   throughput_table, methods_table)
 
 

@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 from bench import Budget, Context, cholesky_whitening, factorize, load_results, matrix_costs
 from bench.cli import main
-from bench.engine.blockpass import stream_blocks
+from bench.engine.blocks import stream_blocks
 from bench.engine.calibration import StatisticsStore, collect_statistics
 from bench.engine.compress import build_compressed
 from bench.engine.config import CalibrationConfig

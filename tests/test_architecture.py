@@ -8,7 +8,7 @@ at module level or inside a function - is read with ``ast``. The rules:
 - plugins import only the public API, the ``bench`` package itself, and no
   other plugin package (a module may import its own package's modules);
 - inside the host, layers depend only downwards: files, errors, memory, interrupts and threads
-  (``bench.errors``, ``bench.storage``, ``bench.pathnames``, ``bench.corpora``, ``bench.memory``, ``bench.interrupts``,
+  (``bench.errors``, ``bench.storage``, ``bench.disk``, ``bench.locks``, ``bench.pathnames``, ``bench.corpora``, ``bench.memory``, ``bench.interrupts``,
   ``bench.threads``) < the model layer
   (``bench.model``) < the plugin API (``bench.api``, re-exported by
   ``bench``) < the engine (``bench.engine``) < the command line
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bench", "methods", "tasks", "reports")
 PLUGIN_PACKAGES = ("methods", "tasks", "reports")
-LAYERS = (("bench.errors", "bench.storage", "bench.pathnames", "bench.corpora", "bench.memory", "bench.interrupts",
+LAYERS = (("bench.errors", "bench.storage", "bench.disk", "bench.locks", "bench.pathnames", "bench.corpora", "bench.memory", "bench.interrupts",
            "bench.threads"), ("bench.model",), ("bench.api", "bench"),
           ("bench.engine",), ("bench.cli", "bench.interop"))
 

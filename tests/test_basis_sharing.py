@@ -18,11 +18,13 @@ import methods.basis_sharing as basis_sharing
 from bench.api.task import EvalSettings
 from bench.cli import main
 from bench.engine.config import CalibrationConfig, RunConfig
-from bench.engine.executor import Workspace
 from bench.engine.plugins import load_registry
+from bench.engine.workspace import Workspace
 from bench.model.loaded import LoadedModel
 from bench.model.loading import load_model
-from bench.model.saving import MANIFEST, WEIGHTS, load_compressed, save_compressed
+from bench.model.manifest import MANIFEST, WEIGHTS
+from bench.model.reload import load_compressed
+from bench.model.saving import save_compressed
 from bench.model.targets import find_targets, footprint
 
 CALIBRATION = CalibrationConfig(samples=4, seqlen=128)  # 512 tokens: every gram (n <= 128) positive definite

@@ -20,12 +20,15 @@ from torch import nn
 from bench import GPTQLinear, LowRankLinear, factorize, load_results, uniform_ranks
 from bench.engine.compress import compress_model
 from bench.engine.config import CalibrationConfig, RunConfig
-from bench.engine.executor import Workspace, run
+from bench.engine.executor import run
 from bench.engine.plugins import load_registry
+from bench.engine.workspace import Workspace
 from bench.errors import UsageError
 from bench.model.loaded import LoadedModel
+from bench.model.manifest import MANIFEST
 from bench.model.quantized import _gptqmodel, unpack_stream
-from bench.model.saving import MANIFEST, load_compressed, save_compressed
+from bench.model.reload import load_compressed
+from bench.model.saving import save_compressed
 from bench.model.targets import find_targets, footprint
 from methods.hybrid import GPTQConfig, HybridConfig, gptq_targets
 

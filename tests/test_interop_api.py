@@ -19,7 +19,7 @@ from bench.errors import UsageError
 from bench.interop.api import compress, save
 from bench.model.loaded import fingerprint
 from bench.model.loading import load_model
-from bench.model.saving import MANIFEST
+from bench.model.manifest import MANIFEST
 from bench.model.targets import find_targets, footprint
 
 ROOT = Path(__file__).parent.parent

@@ -16,7 +16,7 @@ import torch
 from bench.cli import main
 from bench.model.card import CARD
 from bench.model.loading import load_model
-from bench.model.saving import MANIFEST
+from bench.model.manifest import MANIFEST
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_probe import measure  # noqa: E402

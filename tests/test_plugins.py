@@ -135,7 +135,7 @@ HOOKS = [name for name, f in inspect.getmembers(hookspecs, inspect.isfunction) i
 
 def test_hooks_exist():
     assert set(HOOKS) == {"register_methods", "register_tasks", "register_statistics", "register_commands",
-                          "write_report"}
+                          "register_layouts", "write_report"}
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -160,6 +160,13 @@ def test_hook_register_methods(fixture_registry):
 def test_hook_register_tasks(registry):
     [(name, metric)] = registry.get("task", "wikitext2").metrics.items()
     assert name == "perplexity" and metric.kind == "perplexity" and metric.higher_is_better is False
+
+
+def test_hook_register_layouts(registry):
+    """The built-in quantizers' layouts are there; a plugin's is tested end to end in test_plugin_quantizer.py."""
+    from bench.model.layouts import QUANTIZED_LAYOUTS
+
+    assert {"hqq", "gptq"} <= set(QUANTIZED_LAYOUTS) and registry.items["layout"] == {}
 
 
 def test_hook_register_statistics(registry):

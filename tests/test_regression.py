@@ -9,7 +9,7 @@ import pytest
 import torch
 from synthetic_results import degraded, synthetic_results
 
-from bench import Method, factorize, hookimpl
+from bench import Allocation, Method, factorize, hookimpl
 from bench.api.record import load_results
 from bench.cli import main
 from bench.cli.main import _explicit, build_parser
@@ -208,7 +208,7 @@ class BrokenProbe(Probe):
     """The same method with a bug: it keeps only one singular direction per matrix."""
 
     def allocate(self, ratio, factorizations, context, config):
-        return {name: 1 for name in factorizations}
+        return Allocation(dict.fromkeys(factorizations, 1))
 
 
 def _plugin(method):

@@ -262,3 +262,22 @@ def test_no_plot_has_overlapping_titles_or_legends(tmp_path, monkeypatch, one_gr
     assert set(drawn) == {"perplexity_vs_ratio.png", "accuracy_vs_ratio.png", "perplexity_vs_bytes.png",
                           "throughput_speedup.png"}
     assert all(not found for found in overlaps.values()), overlaps
+
+
+def test_block_allocation_shows_where_each_method_put_its_parameters():
+    from reports.tables import block_allocation_table
+
+    def layers(kept):  # two matrices per block, 100 dense parameters each
+        return {f"model.layers.{b}.{m}": {"rank": 1, "dense_params": 100, "params": p}
+                for b, p in enumerate(kept) for m in ("q", "k")}
+
+    data = {"records": [{"compression": "u"}, {"compression": "a"}],
+            "compressions": {"u": {"method": "uniform", "ratio": 0.5, "layers": layers([50, 50, 50])},
+                             "a": {"method": "adaptive", "ratio": 0.5, "layers": layers([20, 50, 80])},
+                             "old": {"method": "gone", "ratio": 0.5, "layers": layers([10, 90, 50])}},
+            "manifest": {"methods": {"uniform": {}, "adaptive": {}}}}
+    table = block_allocation_table(data, None)
+    assert [row[:7] for row in table.rows] == [["uniform", 0.5, 0.5, 0.5, 0.5, 0, 0],
+                                               ["adaptive", 0.5, 0.2, 0.5, 0.8, 0, 2]]  # no row of earlier runs
+    data["compressions"].pop("a")
+    assert block_allocation_table(data, None) is None  # nothing but uniform: no table

@@ -1,4 +1,4 @@
-"""Saving compressed models as safetensors + svdbench.json and loading them back (bench/saving.py)."""
+"""Saving compressed models as safetensors + svdbench.json and loading them back (bench/model/saving.py, reload.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from bench.engine.compress import compress_model
 from bench.errors import UsageError
 from bench.model.loaded import fingerprint
 from bench.model.loading import load_model
-from bench.model.saving import MANIFEST, WEIGHTS, directory_identity, load_compressed, save_compressed
+from bench.model.manifest import MANIFEST, WEIGHTS, directory_identity
+from bench.model.reload import load_compressed
+from bench.model.saving import save_compressed
 from bench.model.targets import find_targets
 from bench.storage import seal, sha256_file
 from methods.hybrid import quantize_targets
@@ -88,7 +90,7 @@ def test_manifest_that_does_not_fit_the_weights_is_refused(tiny, tmp_path):
 
 def test_compress_command_matches_in_memory_compression(tiny, tmp_path, registry):
     from bench.engine.config import RunConfig
-    from bench.engine.executor import Workspace
+    from bench.engine.workspace import Workspace
 
     source = tmp_path / "src"
     tiny.model.save_pretrained(source)

@@ -13,9 +13,10 @@ from bench import factorize
 from bench.cli import main
 from bench.engine.compress import assemble_from_checkpoint, compress_model
 from bench.engine.config import CalibrationConfig, RunConfig
-from bench.engine.executor import Workspace, run
+from bench.engine.executor import run
 from bench.engine.plugins import load_registry
 from bench.engine.stores import EntryWriter, factor_tensors, open_entry, stored_factorizations, useful_rank
+from bench.engine.workspace import Workspace
 from bench.model.checkpoint import Checkpoint
 from bench.model.loaded import LoadedModel
 from bench.model.targets import find_targets
@@ -198,7 +199,7 @@ def test_a_group_runs_in_another_process_from_its_serialized_plan(checkpoint_dir
     (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
     remote = {}
     for index in range(len(plan.groups)):
-        script = ("import json, sys; from bench.engine.executor import execute_group; "
+        script = ("import json, sys; from bench.engine.groups import execute_group; "
                   f"print(json.dumps(execute_group(json.loads(open(sys.argv[1]).read()), {index})))")
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "plan.json")], capture_output=True,
                              text=True, check=True)

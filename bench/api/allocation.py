@@ -34,9 +34,10 @@ UNITS = ("params", "bytes")
 
 @dataclass
 class Allocation:
-    """Ranks per target for one ratio, and what the allocator found (recorded with the compression)."""
+    """Ranks per target for one ratio (None: keep that matrix dense), and what the allocator found (recorded
+    with the compression)."""
 
-    ranks: dict[str, int]
+    ranks: dict[str, int | None]  # None: the matrix stays dense
     facts: dict = field(default_factory=dict)
 
 
@@ -118,14 +119,12 @@ def uniform_ranks(targets: list[Target], ratio: float) -> dict[str, int]:
 
 
 def as_allocation(ranks: Mapping[str, Rank], costs: Mapping[str, MatrixCost], facts: dict | None = None) -> Allocation:
-    """``ranks`` as ``allocate`` returns them: a dense matrix gets a rank the harness keeps dense; the facts
-    record the parameters kept and how many matrices stay dense."""
+    """``ranks`` as ``allocate`` returns them (None where a matrix stays dense); the facts record the
+    parameters kept and how many matrices stay dense."""
     kept = {name: costs[name].rank(rank) for name, rank in ranks.items()}
-    out = {name: rank if rank is not None else -(-costs[name].dense // costs[name].per_rank)
-           for name, rank in kept.items()}
     summary = {"params": sum(costs[name].params(rank) for name, rank in kept.items()),
                "dense_matrices": sum(rank is None for rank in kept.values())}
-    return Allocation(out, {**summary, **(facts or {})})
+    return Allocation(kept, {**summary, **(facts or {})})
 
 
 def truncation_curve(factorization: Factorization, relative: bool = False) -> list[float]:

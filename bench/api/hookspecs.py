@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # imported for annotations only, to keep plugin import cheap
     from bench.api.method import Method
     from bench.api.statistic import Statistic
     from bench.api.task import Task
+    from bench.model.layouts import QuantizedLayout
 
 PROJECT = "svdbench"
 
@@ -70,6 +71,18 @@ def register_statistics(register: Callable[[Statistic], None]) -> None:
 
     :param register: call ``register(statistic)`` with a
         :class:`bench.Statistic` instance. Names are global.
+    :returns: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def register_layouts(register: Callable[[QuantizedLayout], None]) -> None:
+    """Register how a plugin's quantized linear is saved and rebuilt, so ``svdbench compress`` saves it and
+    svdbench, plain transformers and lm-eval load it back.
+
+    :param register: call ``register(layout)`` with a :class:`bench.QuantizedLayout`
+        for every kind of quantized module the plugin's methods produce.
+        Quantizer names are global.
     :returns: nothing; the return value is ignored.
     """
 

@@ -1,6 +1,7 @@
 """The method contract: what a compression plugin implements.
 
-A method goes through up to four stages; only ``decompose`` is required:
+A method goes through up to four stages; only ``decompose`` is required (a
+method that removes no parameters, ``uses_ratio = False``, has ``refine`` alone):
 
 1. ``requires`` - the calibration statistics it needs, by name (a method
    whose needs depend on its config overrides ``required_statistics``). The
@@ -11,7 +12,8 @@ A method goes through up to four stages; only ``decompose`` is required:
    same factorization at every ratio; methods whose ``decomposition_key`` is
    equal (``svd`` and ``svdllm_u``, ``svdllm_w`` and ``svdllm``) share one
    decomposition within a run.
-3. ``allocate`` - the rank of every matrix for a target ratio. The default
+3. ``allocate`` - the rank of every matrix for a target ratio, as an
+   :class:`~bench.api.allocation.Allocation` (None: keep it dense). The default
    gives every matrix the uniform rank of METHODS.md; methods with
    heterogeneous ratios (ASVD, SVD-LLM V2, DipSVD) override it, on the
    shared budget solver and cost model of :mod:`bench.api.allocation`.
@@ -125,7 +127,9 @@ class Method:
     config_class: ClassVar[type] = NoConfig
     requires: ClassVar[tuple[str, ...]] = ()
     needs_calibration_data: ClassVar[bool] = False  # calibration windows without statistics
-    uses_ratio: ClassVar[bool] = True  # False: the method removes no parameters (e.g. plain quantization)
+    # False: the method removes no parameters (plain quantization): it has no decompose, every matrix stays
+    # dense for its refine, and it is evaluated once per run, at ratio 0
+    uses_ratio: ClassVar[bool] = True
     # How the method is built, for the ablation table (SVD-LLM Table 4), e.g.
     # {"transform": "whitening", "update": "yes"}; empty: not part of it.
     components: ClassVar[dict[str, str]] = {}
@@ -233,9 +237,9 @@ class Method:
         return f"{owner.__module__}.{owner.__qualname__} {config_dict(config)}"
 
     def allocate(self, ratio: float, factorizations: Mapping[str, Factorization], context: Context,
-                 config: Any) -> dict[str, int] | Allocation:
-        """Rank per target for ``ratio`` (the fraction of parameters removed), or an :class:`Allocation`."""
-        return uniform_ranks(context.targets, ratio)
+                 config: Any) -> Allocation:
+        """The rank of every target for ``ratio`` (the fraction of parameters removed); None keeps one dense."""
+        return Allocation(uniform_ranks(context.targets, ratio))
 
     def refine(self, model: nn.Module, ratio: float, context: Context, config: Any) -> dict:
         """Improve the compressed ``model`` in place; return facts for the record."""

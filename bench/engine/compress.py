@@ -20,6 +20,7 @@ from torch import nn
 from bench.api.lowrank import Factorization, is_worth_factorizing
 from bench.api.method import Allocation, Context, Method
 from bench.engine.grouped import shared_groups, shared_plan, tie_shared
+from bench.errors import UsageError
 from bench.model.checkpoint import Checkpoint, build_from_checkpoint
 from bench.model.layers import LowRankLinear
 from bench.model.loading import place_model
@@ -28,9 +29,10 @@ from bench.model.targets import Target, footprint, set_module
 Assembler = Callable[[dict[str, int]], tuple[nn.Module, dict[str, dict]]]
 
 
-def layer_plan(targets: list[Target], ranks: dict[str, int],
+def layer_plan(targets: list[Target], ranks: dict[str, int | None],
                factorizations: Mapping[str, Factorization] | None = None) -> dict[str, dict]:
-    """Per-matrix accounting for ``ranks``: the rank kept (None: left dense), dense and stored parameters
+    """Per-matrix accounting for ``ranks`` (None: keep dense): the rank kept (None: left dense, also where
+    factors would not save parameters), dense and stored parameters
     (a group sharing a right factor: :func:`bench.engine.grouped.shared_plan`)."""
     layers: dict[str, dict] = {}
     shared = {name: layer for group in shared_groups(targets, factorizations).values()
@@ -40,8 +42,9 @@ def layer_plan(targets: list[Target], ranks: dict[str, int],
             layers[target.name] = shared[target.name]
             continue
         m, n = target.out_features, target.in_features
-        rank = max(1, min(int(ranks[target.name]), min(m, n)))
-        if is_worth_factorizing(m, n, rank):
+        rank = ranks[target.name]
+        rank = None if rank is None else max(1, min(int(rank), min(m, n)))
+        if rank is not None and is_worth_factorizing(m, n, rank):
             layers[target.name] = {"rank": rank, "dense_params": target.params,
                                    "params": rank * (m + n) + (m if target.bias else 0)}
         else:
@@ -110,9 +113,16 @@ def accounting(model: nn.Module, layers: dict[str, dict] | None, dense_footprint
 
 def allocation_of(method: Method, ratio: float, factorizations: Mapping[str, Factorization],
                   context: Context) -> Allocation:
-    """The method's ranks at ``ratio`` as an :class:`Allocation` (a plain dictionary of ranks is accepted)."""
+    """The method's :class:`Allocation` at ``ratio``, checked: a rank (or None) for every target."""
     result = method.allocate(ratio, factorizations, context, method.config)
-    return result if isinstance(result, Allocation) else Allocation(ranks=dict(result))
+    if not isinstance(result, Allocation):
+        raise UsageError(f"method '{method.name}': allocate returned {type(result).__name__}; return "
+                         "bench.Allocation(ranks={target: rank or None to keep it dense})")
+    missing = [t.name for t in context.targets if t.name not in result.ranks]
+    if missing:
+        raise UsageError(f"method '{method.name}': allocate gave no rank for {missing[0]} "
+                         f"({len(missing)} targets); give every target a rank, or None to keep it dense")
+    return result
 
 
 def decomposition_facts(factorizations: Mapping[str, Factorization]) -> dict[str, dict]:

@@ -157,7 +157,8 @@ class ExecutorConfig:
 
 
 # Every built-in method, in the order the papers list them (reports keep the run's order).
-BUILTIN_METHODS = ["svd", "fwsvd", "asvd", "svdllm_w", "svdllm_u", "svdllm", "svdllm_v2", "dipsvd", "svdllm_quant", "hqq"]
+BUILTIN_METHODS = ["svd", "fwsvd", "asvd", "svdllm_w", "svdllm_u", "svdllm", "svdllm_v2", "dipsvd", "basis_sharing",
+                   "adasvd", "zs_svd", "svdllm_quant", "hqq"]
 
 PROFILES: dict[str, dict] = {
     "default": {

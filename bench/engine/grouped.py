@@ -76,10 +76,13 @@ def shared_groups(targets: list[Target], factorizations: Mapping[str, Factorizat
     return out
 
 
-def shared_plan(group: list[Target], ranks: Mapping[str, int]) -> dict[str, dict]:
-    """The accounting of one group (see the module docstring); members after the first name it as ``shared``."""
-    chosen = {int(ranks[t.name]) for t in group}
-    if len(chosen) != 1:
+def shared_plan(group: list[Target], ranks: Mapping[str, int | None]) -> dict[str, dict]:
+    """The accounting of one group (see the module docstring); members after the first name it as ``shared``.
+    A rank of None keeps the whole group dense."""
+    chosen = {None if ranks[t.name] is None else int(ranks[t.name]) for t in group}
+    if chosen == {None}:
+        return {t.name: {"rank": None, "dense_params": t.params, "params": t.params} for t in group}
+    if len(chosen) != 1 or None in chosen:
         raise ValueError(f"the members of a shared group need one rank, got {sorted(chosen)}: "
                          f"{', '.join(t.name for t in group)}")
     cost = group_cost(group)

@@ -29,6 +29,7 @@ from bench.engine.budget import budget_bytes, parse_budget
 from bench.engine.config import RunConfig
 from bench.engine.plugins import Registry
 from bench.errors import UsageError
+from bench.model.loaded import LoadedModel
 from bench.storage import json_key
 
 RATIO_DEFINITION = "fraction of each compressed matrix's parameters removed: rank = floor(m*n*(1-ratio)/(m+n))"
@@ -210,3 +211,24 @@ def make_plan(config: RunConfig, registry: Registry, model_identity: str, dense_
         if cells:
             groups.append(CellGroup(key, tuple(members), tuple(cells)))
     return Plan(config, model_identity, dense_bytes, tuple(statistics), tuple(groups))
+
+
+def check_model_fits(config: RunConfig, loaded: LoadedModel, registry: Registry, evaluate: bool = True) -> None:
+    """What can only be checked once the model is loaded: window lengths (of the tasks that read ``--seqlen``
+    and of calibration), and no compressing a compressed model."""
+    limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    settings = eval_settings(config)
+    windows = evaluate and any("seqlen" in registry.get("task", name).settings_key(settings) for name in config.tasks)
+    create = registry.method_factory(config.method_options)
+    calibrated = any(create(name).uses_calibration() for name in run_methods(config, registry))
+    if isinstance(limit, int):
+        for flag, value in (("--seqlen", config.seqlen if windows else 0),
+                            ("--calib-seqlen", config.calibration.seqlen if calibrated else 0)):
+            if value > limit:
+                raise UsageError(f"{flag} {value} is longer than {loaded.name}'s max_position_embeddings {limit}; "
+                                 f"use {flag} {limit} or less")
+    compressed = loaded.info.get("compressed")
+    if compressed and run_methods(config, registry):
+        raise UsageError(f"{loaded.name} is already compressed ({compressed.get('method')}); evaluate it with "
+                         "--methods none, or compress the original model")
+

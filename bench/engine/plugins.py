@@ -29,6 +29,7 @@ import pluggy
 from bench.api import hookspecs
 from bench.api.method import Method
 from bench.errors import UsageError, unknown_name
+from bench.model.layouts import register_layout
 
 ENTRY_POINT_GROUP = "svdbench"
 BUILTIN_DISTRIBUTION = "svdbench"
@@ -65,10 +66,10 @@ def _load_file_plugin(path: Path):
 
 
 class Registry:
-    """Methods, tasks and statistics by name, with the plugin that provided each."""
+    """Methods, tasks, statistics, commands and quantized layouts by name, with the plugin that provided each."""
 
     KINDS = {"method": "register_methods", "task": "register_tasks", "statistic": "register_statistics",
-             "command": "register_commands"}
+             "command": "register_commands", "layout": "register_layouts"}
 
     def __init__(self, manager: pluggy.PluginManager, infos: dict[str, PluginInfo]):
         self.manager = manager
@@ -88,6 +89,8 @@ class Registry:
             if name in self.items[kind]:
                 raise UsageError(f"{kind} '{name}' is registered twice: by plugin '{self.owner[(kind, name)]}' "
                                  f"and by plugin '{plugin_name}'; rename one or uninstall one plugin")
+            if kind == "layout":  # saving and loading (svdbench's and transformers') look layouts up there
+                register_layout(item)
             self.items[kind][name] = item
             self.owner[(kind, name)] = plugin_name
             info = self.infos.get(plugin_name)

@@ -43,13 +43,12 @@ import torch
 
 from bench.api.grouped import ROWS as SHARED_ROWS
 from bench.api.lowrank import Factorization
+from bench.disk import guarded, make_dir
 from bench.storage import (
     atomic_write_text,
     cache_root,
-    guarded,
     is_sealed,
     json_key,
-    make_dir,
     note_source,
     seal,
     sha256_file,

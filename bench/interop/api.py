@@ -63,8 +63,8 @@ def compress(model: nn.Module, method: str, *, ratio: float | None = None, budge
     from bench.api.configs import config_dict
     from bench.engine.budget import budget_bytes, fit_budget
     from bench.engine.config import RunConfig
-    from bench.engine.executor import Workspace
     from bench.engine.plugins import load_registry
+    from bench.engine.workspace import Workspace
     from bench.model.hf_quantizer import mark_compressed
     from bench.model.loaded import LoadedModel, fingerprint
 

@@ -52,8 +52,9 @@ def write_task_configs(directory: str | Path | None = None) -> Path:
     _offline()
     import lm_eval
 
+    from bench.disk import make_dir
     from bench.engine.plugins import load_registry
-    from bench.storage import atomic_write_text, cache_root, make_dir
+    from bench.storage import atomic_write_text, cache_root
 
     out = Path(directory) if directory is not None else cache_root() / "task_configs" / "lm_eval"
     make_dir(out)

@@ -34,9 +34,13 @@ def _ranks(ranks: dict[str, int]) -> list[str]:
 def _quantized(quantized: dict[str, dict]) -> list[str]:
     if not quantized:
         return []
-    kinds = sorted({(e["quantizer"], e["nbits"], e["group_size"]) for e in quantized.values()})
-    return ["", f"{len(quantized)} quantized linears: " + ", ".join(
-        f"{q.upper()} {bits}-bit, groups of {group}" for q, bits, group in kinds) + "."]
+    def kind(entry: dict) -> str:  # a plugin's layout need not have bits or groups
+        bits = f" {entry['nbits']}-bit" if "nbits" in entry else ""
+        group = f", groups of {entry['group_size']}" if "group_size" in entry else ""
+        return f"{entry['quantizer'].upper()}{bits}{group}"
+
+    kinds = sorted({kind(entry) for entry in quantized.values()})
+    return ["", f"{len(quantized)} quantized linears: " + ", ".join(kinds) + "."]
 
 
 def render_card(manifest: dict) -> str:

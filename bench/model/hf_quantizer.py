@@ -41,7 +41,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from bench.errors import UsageError
 from bench.model.hf_format import FINGERPRINT, FORMAT, GUARD, QUANT_METHOD, hf_quantization_config
 from bench.model.loaded import fingerprint
-from bench.model.saving import compressed_layout, rebuild, validate_layout
+from bench.model.manifest import validate_layout
+from bench.model.reload import rebuild
+from bench.model.saving import compressed_layout
 from bench.model.shared import alias_weights, shared_modules
 
 
@@ -57,7 +59,7 @@ class SvdbenchConfig(QuantizationConfigMixin):
             self.shared = dict(shared)
 
     def layout(self) -> dict:
-        """What :func:`bench.model.saving.rebuild` reads."""
+        """What :func:`bench.model.reload.rebuild` reads."""
         return {"dtype": self.saved_dtype, "ranks": self.ranks, "quantized": self.quantized,
                 **({"shared": self.shared} if getattr(self, "shared", None) else {})}
 
@@ -160,7 +162,7 @@ def _check_checkpoint(model: nn.Module, files: list[Path], skip: str) -> str | N
     """Every checkpoint tensor fits the rebuilt model and every model tensor is there; the recorded fingerprint."""
     from safetensors import safe_open
 
-    from bench.model.saving import _st_dtype
+    from bench.model.reload import _st_dtype
 
     expected = model.state_dict()
     seen: set[str] = set()

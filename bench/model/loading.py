@@ -12,7 +12,7 @@ every file in it (weights, ``config.json``, tokenizer files) is recorded
 last - and rebuilt, under a lock, when anything is missing or edited. A
 model's identity (the start of every cache and resume key) covers its
 weights *and* its config and tokenizer files
-(:func:`bench.model.saving.directory_identity`). Unreadable files end in one
+(:func:`bench.model.manifest.directory_identity`). Unreadable files end in one
 line naming the file, never a traceback.
 """
 
@@ -26,23 +26,23 @@ from pathlib import Path
 
 import torch
 
+from bench.disk import guarded, make_dir
 from bench.errors import UsageError
+from bench.locks import entry_lock
 from bench.model.causal import check_causal, check_not_encoder_decoder
 from bench.model.checkpoint import checkpoint_matches, is_checkpoint
 from bench.model.devices import check_device
 from bench.model.loaded import LoadedModel
+from bench.model.manifest import MANIFEST, directory_identity
 from bench.model.prepare import prepare_model
 from bench.model.quiet import import_transformers_quietly
-from bench.model.saving import MANIFEST, directory_identity, load_compressed
+from bench.model.reload import load_compressed
 from bench.pathnames import check_path_name
 from bench.storage import (
     atomic_write_text,
     cache_root,
-    entry_lock,
-    guarded,
     inside,
     is_sealed,
-    make_dir,
     replace_directory,
     seal,
     sha256_file,

@@ -10,9 +10,12 @@ import sys
 import pytest
 
 from bench.api.record import Record
-from bench.engine.results import JOURNAL, Results, load_rendered
+from bench.disk import StorageError
+from bench.engine.journal import JOURNAL
+from bench.engine.results import Results, load_rendered
 from bench.errors import UsageError
-from bench.storage import Lock, LockHeld, StorageError, atomic_write_text, inside, is_sealed
+from bench.locks import Lock, LockHeld
+from bench.storage import atomic_write_text, inside, is_sealed
 
 
 def record(key: str, value: float = 1.0) -> Record:
@@ -111,7 +114,7 @@ def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path, monkey
 
 HOLD = """
 import sys, time
-from bench.storage import Lock
+from bench.locks import Lock
 Lock(sys.argv[1], "--out x").acquire()
 print("held", flush=True)
 time.sleep(60)

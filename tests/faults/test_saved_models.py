@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from bench.cli import main
-from bench.model.saving import MANIFEST, WEIGHTS
+from bench.model.manifest import MANIFEST, WEIGHTS
 from bench.storage import sha256_file
 
 CALIB = ["--calib-samples", "2", "--calib-seqlen", "32"]

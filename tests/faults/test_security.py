@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.model.saving import MANIFEST, WEIGHTS
+from bench.model.manifest import MANIFEST, WEIGHTS
 from bench.storage import sha256_file
 
 from .harness import REPO, cli_command, cli_env, read_results
