@@ -118,3 +118,12 @@ def isolated_cache(tmp_path, monkeypatch):
     (root / "models").symlink_to(shared_models, target_is_directory=True)
     monkeypatch.setenv("SVDBENCH_CACHE", str(root))  # method caches (asvd_sensitivity, ...) start empty
     monkeypatch.setenv("SVDBENCH_STATS_CACHE", str(tmp_path / "stats"))
+
+
+@pytest.fixture
+def tiny_dir(tiny, tmp_path):
+    """The tiny model saved as a Hugging Face directory: what ``--model DIR`` loads."""
+    path = tmp_path / "tiny-model"
+    tiny.model.save_pretrained(path)
+    tiny.tokenizer.save_pretrained(path)
+    return path

@@ -33,15 +33,6 @@ SMALL = dict(tasks=("wikitext2",), limit=1, seqlen=32, calibration=CalibrationCo
 EVAL = ["--tasks", "wikitext2", "--limit", "1", "--seqlen", "32", "--calib-samples", "2", "--calib-seqlen", "32"]
 
 
-@pytest.fixture
-def tiny_dir(tiny, tmp_path):
-    """The tiny Llama saved as a Hugging Face directory: what ``--model DIR`` loads."""
-    path = tmp_path / "tiny-model"
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
-
-
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if "error" in line.lower()]

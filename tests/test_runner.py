@@ -100,15 +100,6 @@ def test_methods_none_evaluates_only_the_dense_model(tiny, tmp_path):
         run(tiny, tmp_path, methods=(), ratios=(0.2,))
 
 
-@pytest.fixture
-def tiny_dir(tiny, tmp_path):
-    """The tiny model saved as a Hugging Face directory: what ``--model DIR`` loads."""
-    path = tmp_path / "tiny-model"
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("argv, message", [
     (["run", "--methods", "svdd"], "unknown method 'svdd'; did you mean 'svd'?"),
     (["run", "--tasks", "wikitext"], "unknown task 'wikitext'; did you mean 'wikitext2'?"),
