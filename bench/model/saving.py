@@ -57,6 +57,7 @@ from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.prepare import prepare_model
 from bench.model.quantized import BITS, GPTQ_GROUP_SIZES, META_DTYPES, GPTQLinear, QuantizedLinear
 from bench.model.shared import layout_error, shared_modules, tie_modules
+from bench.model.structured import apply_structured_layout, layout_problem, structured_layout
 from bench.model.targets import set_module
 from bench.storage import (
     atomic_write_text,
@@ -365,8 +366,10 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
                     tokenizer.save_pretrained(tmp)
                 weights = fingerprint(model)
                 save_file(_unique_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})
+            structured = structured_layout(model)  # MoDeGPT's smaller layers: per-layer shapes
             full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"), "dtype": dtype,
-                    "ranks": ranks, "quantized": quantized, "fingerprint": weights, **({"shared": shared} if shared else {})}
+                    "ranks": ranks, "quantized": quantized, "fingerprint": weights, **({"shared": shared} if shared else {}),
+                    **({"structured": structured} if structured else {})}
             atomic_write_text(tmp / CARD, render_card(json.loads(json.dumps(full, default=str))))
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             full.update({"weights": {WEIGHTS: files[WEIGHTS]}, "files": files})
@@ -435,6 +438,9 @@ def validate_layout(layout: dict, where: str) -> None:
     if "shared" in layout:
         error = layout_error(layout["shared"], layout["ranks"])
         _check(error is None, where, error or "")
+    if "structured" in layout:
+        error = layout_problem(layout["structured"])
+        _check(error is None, where, error or "")
 
 
 def _verify_files(path: Path, manifest: dict) -> None:
@@ -465,6 +471,12 @@ def rebuild(model: nn.Module, manifest: dict, where: str, dtype: torch.dtype | N
             raise ManifestError(f"{where}: {what} {name} is not a module of the saved architecture; "
                                 "re-create the model with svdbench compress") from None
 
+    if "structured" in manifest:
+        try:
+            apply_structured_layout(model, manifest["structured"], dtype)
+        except (AttributeError, ValueError) as error:
+            raise ManifestError(f"{where}: structured layers do not fit the architecture ({error}); "
+                                "re-create the model with svdbench compress") from None
     shared = manifest.get("shared", {})
     sharing = {name.rpartition(".")[0] for pair in shared.items() for name in pair}  # a group's rank may pass m
     for name, rank in manifest["ranks"].items():
