@@ -82,6 +82,7 @@ class MoDeGPTConfig:
     max_sparsity: float = 0.8  # cap of one layer's phi, excess redistributed
     ridge: float = 1e-2  # lam of the ridge leverage scores, on the per-token C_z
     vo_group: Literal["stack", "value"] = "stack"  # GQA value-output: stacked output heads, or the code's value SVD
+    rounding: Literal["budget", "code"] = "budget"  # budget: exact parameter budget; code: the unofficial floors
 
     def __post_init__(self):
         if not self.epsilon > 0:
@@ -145,6 +146,18 @@ def block_dims(phi: list[float], shape: dict, budget: int) -> list[dict]:
     for entry, count in zip(dims, counts):
         entry["intermediate"] = count
     return dims
+
+
+def code_dims(phi: list[float], shape: dict) -> list[dict]:
+    """The unofficial code's dims: ``int(keep D_int)``; ``int(keep d_h)`` rounded down to even for both query-key
+    and value-output (at least 2) - the budget is then not met exactly (more is removed)."""
+    d, inter = shape["head_dim"], shape["inter"]
+    out = []
+    for p in phi:
+        head = int(d * (1 - p))
+        even = max(2, min(d, head - head % 2))
+        out.append({"qk_dim": even, "vo_dim": even, "intermediate": max(1, int(inter * (1 - p)))})
+    return out
 
 
 # --------------------------------------------------------------------------- Type I: MLP, Nystrom
@@ -337,7 +350,7 @@ def compress_modules(model, ratio: float, context, config: MoDeGPTConfig) -> dic
     else:
         importance = {i: float(context.stats.get("block_importance", path).sum()) for i, path in blocks.items()}
         phi = global_sparsity([importance[i] for i in blocks], ratio, config.epsilon, config.max_sparsity)
-    dims = block_dims(phi, shape, budget)
+    dims = block_dims(phi, shape, budget) if config.rounding == "budget" else code_dims(phi, shape)
     tokens = int(context.calibration.numel()) if context.calibration is not None else 1
     losses: dict[str, dict] = {}
     for path, p, dim in zip(blocks.values(), phi, dims):

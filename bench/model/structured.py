@@ -95,7 +95,7 @@ class StructuredAttention(nn.Module):
         q = q * cos_q + _rotate_half(q) * sin_q
         k = k * cos_k + _rotate_half(k) * sin_k
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)  # as transformers' Llama passes it
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         extra = {"sliding_window": self.sliding_window} if self.sliding_window else {}
         out, weights = interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)
