@@ -1,7 +1,7 @@
 """The method contract: what a compression plugin implements.
 
-A method goes through up to four stages; only ``decompose`` is required (a
-method that removes no parameters, ``uses_ratio = False``, has ``refine`` alone):
+A method goes through up to four stages (one that works on whole modules or
+only quantizes, like MoDeGPT or HQQ, has no ``decompose`` and does it in ``refine``):
 
 1. ``requires`` - the calibration statistics it needs, by name (a method
    whose needs depend on its config overrides ``required_statistics``). The
@@ -127,8 +127,7 @@ class Method:
     config_class: ClassVar[type] = NoConfig
     requires: ClassVar[tuple[str, ...]] = ()
     needs_calibration_data: ClassVar[bool] = False  # calibration windows without statistics
-    # False: the method removes no parameters (plain quantization): it has no decompose, every matrix stays
-    # dense for its refine, and it is evaluated once per run, at ratio 0
+    # False: the method removes no parameters (plain quantization): it is evaluated once per run, at ratio 0
     uses_ratio: ClassVar[bool] = True
     # How the method is built, for the ablation table (SVD-LLM Table 4), e.g.
     # {"transform": "whitening", "update": "yes"}; empty: not part of it.
@@ -176,6 +175,11 @@ class Method:
         """The statistics ``decompose`` reads (part of the factor-store key; default: all it requires). A method
         whose ``allocate`` or ``refine`` needs more narrows it, so it shares factors with its base method."""
         return self.required_statistics()
+
+    def decomposes(self) -> bool:
+        """Whether the method factorizes matrices one by one (it defines ``decompose``); one that does not -
+        plain quantization, MoDeGPT's module decompositions - works in ``refine`` on the dense targets."""
+        return type(self).decompose is not Method.decompose
 
     def uses_calibration(self) -> bool:
         """Whether results depend on the calibration data (so resume keys include its settings)."""

@@ -111,6 +111,22 @@ def accounting(model: nn.Module, layers: dict[str, dict] | None, dense_footprint
     return summary
 
 
+def resized_layers(model: nn.Module, layers: dict[str, dict]) -> dict[str, dict]:
+    """``layers`` with the parameters of every dense target a refine replaced by a smaller layer (MoDeGPT's structured
+    layers) as they now are, so the accounting counts what the model holds."""
+    out = {}
+    for name, layer in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        params = sum(p.numel() for p in module.parameters()) if isinstance(module, nn.Linear) else None
+        if layer["rank"] is None and params is not None and params != layer["dense_params"]:
+            layer = {**layer, "params": params, "shape": [module.out_features, module.in_features]}
+        out[name] = layer
+    return out
+
+
 def allocation_of(method: Method, ratio: float, factorizations: Mapping[str, Factorization],
                   context: Context) -> Allocation:
     """The method's :class:`Allocation` at ``ratio``, checked: a rank (or None) for every target."""
@@ -170,4 +186,5 @@ def build_compressed(method: Method, ratio: float, factorizations: Mapping[str, 
         refined = method.refine(model, ratio, context, method.config)
         if refined:
             facts["refine"] = refined
+        layers = resized_layers(model, layers)
     return Compressed(model, ratio, layers, accounting(model, layers, dense_footprint), facts)

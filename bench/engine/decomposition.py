@@ -58,7 +58,7 @@ def prepare(workspace, methods: list[Method], collect_with: tuple[str, ...] = ()
     root = store_root("factors")
     pending: dict[str, tuple[Method, dict]] = {}
     for method in methods:
-        if not method.uses_ratio:  # removes no parameters: nothing to factorize
+        if not method.decomposes():  # works on the dense targets in refine: nothing to factorize
             continue
         fields = factor_fields(workspace, method)
         key = json_key(fields)
@@ -166,9 +166,9 @@ def prepare(workspace, methods: list[Method], collect_with: tuple[str, ...] = ()
 
 
 def factorizations(workspace, method: Method, collect_with: tuple[str, ...] = ()) -> dict[str, Factorization]:
-    """Every target's factorization, from the factor store (made first when missing); none for a method that
-    removes no parameters (``uses_ratio`` False: it quantizes or otherwise refines the dense model)."""
-    if not method.uses_ratio:
+    """Every target's factorization, from the factor store (made first when missing); none for a method without
+    ``decompose`` (it quantizes or restructures the dense targets in ``refine``)."""
+    if not method.decomposes():
         return {}
     fields = factor_fields(workspace, method)
     key, root = json_key(fields), store_root("factors")

@@ -22,6 +22,7 @@ from bench.model.hf_format import FORMAT
 from bench.model.layouts import FLOAT_DTYPES, QUANTIZED_LAYOUTS, ManifestError, check_entry, is_int
 from bench.model.loaded import fingerprint
 from bench.model.shared import layout_error
+from bench.model.structured import layout_problem
 from bench.storage import is_sealed, sha256_file
 
 # --------------------------------------------------------------------------- identity
@@ -104,6 +105,9 @@ def validate_layout(layout: dict, where: str) -> None:
                                 "or give its file with --plugins-dir")
     if "shared" in layout:
         error = layout_error(layout["shared"], layout["ranks"])
+        check_entry(error is None, where, error or "")
+    if "structured" in layout:
+        error = layout_problem(layout["structured"])
         check_entry(error is None, where, error or "")
 
 

@@ -29,6 +29,7 @@ from bench.model.manifest import (
 )
 from bench.model.prepare import prepare_model
 from bench.model.shared import tie_modules
+from bench.model.structured import apply_structured_layout
 from bench.model.targets import set_module
 
 
@@ -48,6 +49,12 @@ def rebuild(model: nn.Module, manifest: dict, where: str, dtype: torch.dtype | N
             raise ManifestError(f"{where}: {what} {name} is not a module of the saved architecture; "
                                 "re-create the model with svdbench compress") from None
 
+    if "structured" in manifest:
+        try:
+            apply_structured_layout(model, manifest["structured"], dtype)
+        except (AttributeError, ValueError) as error:
+            raise ManifestError(f"{where}: structured layers do not fit the architecture ({error}); "
+                                "re-create the model with svdbench compress") from None
     shared = manifest.get("shared", {})
     sharing = {name.rpartition(".")[0] for pair in shared.items() for name in pair}  # a group's rank may pass m
     for name, rank in manifest["ranks"].items():

@@ -49,6 +49,7 @@ from bench.model.layouts import QUANTIZED_LAYOUTS
 from bench.model.loaded import fingerprint
 from bench.model.manifest import MANIFEST, WEIGHTS, validate_manifest, verify_files
 from bench.model.shared import shared_modules
+from bench.model.structured import structured_layout
 from bench.storage import atomic_write_text, replace_directory, seal, sha256_file, temporary_sibling
 
 # --------------------------------------------------------------------------- identity
@@ -142,8 +143,10 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
                     tokenizer.save_pretrained(tmp)
                 weights = fingerprint(model)
                 save_file(_unique_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})
+            structured = structured_layout(model)  # MoDeGPT's smaller layers: per-layer shapes
             full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"), "dtype": dtype,
-                    "ranks": ranks, "quantized": quantized, "fingerprint": weights, **({"shared": shared} if shared else {})}
+                    "ranks": ranks, "quantized": quantized, "fingerprint": weights, **({"shared": shared} if shared else {}),
+                    **({"structured": structured} if structured else {})}
             atomic_write_text(tmp / CARD, render_card(json.loads(json.dumps(full, default=str))))
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             full.update({"weights": {WEIGHTS: files[WEIGHTS]}, "files": files})
