@@ -34,9 +34,14 @@ def _ranks(ranks: dict[str, int]) -> list[str]:
 def _quantized(quantized: dict[str, dict]) -> list[str]:
     if not quantized:
         return []
-    kinds = sorted({(e["quantizer"], e["nbits"], e["group_size"]) for e in quantized.values()})
+    kinds = sorted({(e["quantizer"], e.get("nbits"), e.get("group_size")) for e in quantized.values()})
     return ["", f"{len(quantized)} quantized linears: " + ", ".join(
-        f"{q.upper()} {bits}-bit, groups of {group}" for q, bits, group in kinds) + "."]
+        f"{q.upper()} {bits}-bit, groups of {group}" if bits is not None else f"{q} ({quantized_packing(quantized, q)})"
+        for q, bits, group in kinds) + "."]
+
+
+def quantized_packing(quantized: dict[str, dict], quantizer: str) -> str:
+    return next(e.get("packing", "") for e in quantized.values() if e["quantizer"] == quantizer)
 
 
 def render_card(manifest: dict) -> str:

@@ -53,6 +53,18 @@ from torch import nn
 from bench.errors import UsageError
 from bench.model.hf_format import FINGERPRINT, FORMAT, write_config
 from bench.model.layers import LowRankLinear
+from bench.model.layout_base import (  # noqa: F401 (ManifestError, TENSOR_DTYPES: re-exported)
+    FLOAT_DTYPES,
+    QUANTIZED_LAYOUTS,
+    TENSOR_DTYPES,
+    ManifestError,
+    QuantizedLayout,
+    _check,
+    _check_tensor_spec,
+    _is_int,
+    _tensor_spec,
+    register_layout,
+)
 from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.prepare import prepare_model
 from bench.model.quantized import BITS, GPTQ_GROUP_SIZES, META_DTYPES, GPTQLinear, QuantizedLinear
@@ -72,17 +84,11 @@ from bench.storage import (
 
 MANIFEST = "svdbench.json"
 WEIGHTS = "model.safetensors"
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-TENSOR_DTYPES = (*FLOAT_DTYPES, "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
 IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                   "tokenizer.model", "chat_template.jinja", "chat_template.json")
 _MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class ManifestError(UsageError):
-    """A saved model's manifest (or files) that cannot be trusted."""
 
 
 # --------------------------------------------------------------------------- identity
@@ -100,61 +106,6 @@ def directory_identity(model: nn.Module, directory: Path | str, weights: str | N
 
 
 # --------------------------------------------------------------------------- quantized layouts
-
-def _check(condition: bool, where: str, message: str) -> None:
-    if not condition:
-        raise ManifestError(f"{where}: {message}; re-create the model with svdbench compress")
-
-
-def _is_int(value, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-class QuantizedLayout:
-    """How one kind of quantized linear is saved and rebuilt (one per ``quantizer`` name).
-
-    ``describe`` gives the manifest entry of a module of this kind (None for
-    other modules); ``validate`` checks an entry against the schema and the
-    dense linear it replaces (before any tensor is read); ``build`` makes the
-    module with empty tensors of the recorded layout, ready for the weights.
-    """
-
-    quantizer: str = ""
-
-    def describe(self, module: nn.Module) -> dict | None:
-        raise NotImplementedError
-
-    def validate(self, entry: dict, dense: nn.Module, where: str) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def check_linear(entry: dict, dense: nn.Module, where: str) -> None:
-        """What every layout checks: the entry replaces a linear of the architecture's shape and bias."""
-        _check(isinstance(entry["bias"], bool), where, "bias must be true or false")
-        _check(isinstance(dense, nn.Linear), where, f"replaces a {type(dense).__name__}, not a linear layer")
-        for key in ("in_features", "out_features"):
-            _check(entry[key] == getattr(dense, key), where,
-                   f"{key} {entry[key]!r} does not match the architecture ({getattr(dense, key)})")
-        _check(entry["bias"] == (dense.bias is not None), where, "bias does not match the architecture")
-
-    def build(self, entry: dict) -> nn.Module:
-        raise NotImplementedError
-
-
-def _tensor_spec(t: torch.Tensor) -> dict:
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-
-
-def _check_tensor_spec(spec, where: str, shape: list[int] | None = None, dtype: str | None = None) -> None:
-    _check(isinstance(spec, dict) and set(spec) == {"shape", "dtype"}, where, "must be {\"shape\": [...], \"dtype\": ...}")
-    _check(isinstance(spec["shape"], list) and all(_is_int(d) for d in spec["shape"]), where,
-           f"shape {spec['shape']!r} is not a list of sizes")
-    _check(spec["dtype"] in TENSOR_DTYPES, where, f"dtype {spec['dtype']!r} is not one of {', '.join(TENSOR_DTYPES)}")
-    if shape is not None:
-        _check(spec["shape"] == shape, where, f"shape {spec['shape']} does not fit the layout (expected {shape})")
-    if dtype is not None:
-        _check(spec["dtype"] == dtype, where, f"dtype {spec['dtype']} does not fit the layout (expected {dtype})")
-
 
 class HQQLayout(QuantizedLayout):
     """:class:`QuantizedLinear`: HQQ bit-packed weights, per-group scales and zero points."""
@@ -264,17 +215,9 @@ class GPTQLayout(QuantizedLayout):
                           sym=entry["sym"], desc_act=entry["desc_act"], compute_dtype=compute_dtype)
 
 
-QUANTIZED_LAYOUTS: dict[str, QuantizedLayout] = {}
-
-
-def register_layout(layout: QuantizedLayout) -> None:
-    """Teach saving and loading a quantized layer kind (keyed by ``layout.quantizer``)."""
-    QUANTIZED_LAYOUTS[layout.quantizer] = layout
-
-
 register_layout(HQQLayout())
 register_layout(GPTQLayout())
-
+import bench.model.remap_layout  # noqa: E402,F401  (registers Dobi-SVD's remapped layout)
 
 # --------------------------------------------------------------------------- saving
 
@@ -573,3 +516,4 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     if key not in params:
         return False
     return any(other != key and p.data_ptr() == params[key].data_ptr() for other, p in params.items())
+
