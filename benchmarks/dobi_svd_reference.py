@@ -30,13 +30,14 @@ Adaptations (only what transformers 5, the CPU or SmolLM2's shapes force):
    nearest-value quantization in torch (``bench.model.remapped``'s
    ``dynamic_map``, the same formula as ``create_dynamic_map``);
 5. windows: svdbench's calibration windows (``calibration_batches``, 32 x 512,
-   seed 3, WikiText-2) instead of ``prepare_train_loaders``; the training and
-   the weight update use the same windows, as the code does;
+   seed 3, WikiText-2; the first ``--train-samples``, as dobi_svd takes them)
+   instead of ``prepare_train_loaders``; the training and the weight update
+   use the same windows, as the code does;
 6. the remapped factors are dequantized (as ``DOBI_dequantize`` does, to
    float16) and their product written back into the dense ``nn.Linear`` so
    that svdbench evaluates the model as a plain Hugging Face directory.
 
-Usage: ``python benchmarks/dobi_svd_reference.py --ratios 0.2,0.4 --epochs 1 --out /tmp/dobi_ref``, then
+Usage: ``python benchmarks/dobi_svd_reference.py --ratios 0.2,0.4 --epochs 1 --train-samples 8 --out /tmp/dobi_ref``, then
 ``svdbench run --model /tmp/dobi_ref/r20 --methods none --tasks wikitext2 --limit 8 --seqlen 2048``.
 Measured numbers: see ``methods/dobi_svd.py``.
 """
@@ -418,7 +419,9 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.4", help="svdbench ratios (fraction removed): Dobi's 1 - rho")
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows drawn (svdbench's --calib-samples)")
+    parser.add_argument("--train-samples", dest="train_samples", type=int, default=8,
+                        help="the first N of them train and update (dobi_svd's train_samples)")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lambda-reg", dest="lambda_reg", type=float, default=200)
@@ -431,6 +434,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
     windows = calibration_batches(loaded.tokenizer, CalibrationConfig(samples=args.samples, seqlen=args.seqlen, seed=3))
+    windows = windows[:args.train_samples]
     for ratio in (float(r) for r in args.ratios.split(",")):
         best, final, seconds = train(loaded.model, windows, 1 - ratio, args)
         weights = update_and_remap(loaded.model, windows, best, args.beta)

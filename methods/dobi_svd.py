@@ -8,7 +8,9 @@ niter = 2)`` (``q`` at most ``min(T, m)``), ``t_i = 0.5 tanh(beta (g - i)) +
 Only the ``gamma`` (one per matrix) train. The SVD's backward is the
 authors' (:class:`StableLowRankSVD`): ``F_ij = 1/(s_j^2 - s_i^2)``, for
 ``|s_i - s_j| <= 1e-10`` the Taylor sum ``s^-2 sum_{p<=10} (s_j/s_i)^2p``,
-plus the terms of a truncated SVD. Loss per window ``exp(CE) + lambda |kept
+plus the terms of a truncated SVD (exact when ``A`` has rank ``q``; for a
+longer spectrum they leave out the discarded components, as the code does).
+Loss per window ``exp(CE) + lambda |kept
 - target| + sum relu(-gamma)^2 + relu(gamma - T)^2`` with ``kept = sum
 min(mn, c k)/sum mn``, ``k = gamma min(m, n)/min(T, m, n)`` (the issue's
 shape fix of the code's ``int(min(m, n)/T)``, 0 on SmolLM2), ``c = max(m,
@@ -87,7 +89,7 @@ STATE = ("gamma", "exp_avg", "exp_avg_sq", "best_gamma", "rng")
 @dataclass(frozen=True)
 class DobiConfig:
     epochs: int = 1  # the paper's CLI: 20 (256 x 2048 windows); a CPU run here: 1
-    train_samples: int | None = None  # calibration windows trained on (None: all)
+    train_samples: int | None = 8  # the first N calibration windows train and update (None: all; the paper 256)
     lambda_reg: float = 200.0  # the CLI's default; the released runs: 400
     lr: float = 5.0
     min_lr: float = 4.0
@@ -470,8 +472,10 @@ class DobiSVD(Method):
             "shape fix (the issue's): k = gamma min(m, n)/min(T, m, n) everywhere the code has min(m, n)/T "
             "(int(min(m, n)/T) is 0 on SmolLM2: a division by zero; weight_updater's IPCA batch count int(cut) "
             "likewise, clamped to 1); remapping's cut is min(m, n)/2048 hard-coded in the code, the same fix",
-            "epochs: 1 by default on the CPU (the paper's 20, --method-option dobi_svd.epochs=20); the training "
-            "windows are svdbench's calibration windows (32 x 512 of WikiText-2 by default)",
+            "epochs 1 and train_samples 8 by default on the CPU (the paper's 20 epochs of 256 x 2048 windows: "
+            "--method-option dobi_svd.epochs=20 --method-option dobi_svd.train_samples=none with --calib-samples "
+            "256 --calib-seqlen 2048); the windows are the first calibration windows (WikiText-2), the same for the "
+            "training and the IPCA update, as in the code",
             "float32 model on the CPU (the authors' float16 on CUDA); the final SVD of W' exact in float64 "
             "(the authors' svd_lowrank with niter 10); IPCA in float64 (theirs float32)",
             "ratio: svdbench's fraction removed rho trains Dobi's kept fraction 1 - rho (of 16-bit bytes with "
