@@ -18,8 +18,9 @@ n)`` with remapping, ``m + n`` without. Adam (lr 5), the scheduler the code
 installs (``CosineAnnealingLR``, ``T_max`` = optimizer steps per epoch,
 ``eta_min = 4``, stepped every step), gradient norm clipped to 1 (the HF
 Trainer's default), batch 1, windows shuffled every epoch. The gammas kept
-are the authors' ``best_gamma.json``: the lowest total loss seen at every
-``save_every``-th step (``select=last``: the final ones).
+are the authors' ``best_gamma.json``: those of the lowest total loss seen at
+every ``save_every``-th loss evaluation, before that step's update
+(``select=last``: the final ones).
 
 **Checkpoints.** After every optimizer step the training state (gammas, Adam
 moments and step, the RNG state, the best so far) is written to
@@ -256,7 +257,7 @@ def training_dir(context, ratio: float, config: DobiConfig, windows: torch.Tenso
     fields = {k: v for k, v in config_dict(config).items() if k != "update"}
     key = json_key({"model": context.model_identity, "windows": json_key({"w": windows.tolist()}),
                     "ratio": round(ratio, 6), "config": fields, "targets": [t.name for t in context.targets],
-                    "format": 1})
+                    "format": 2})
     return Path(context.cache_dir) / "dobi_svd" / key
 
 
@@ -339,6 +340,11 @@ def train_gammas(model: nn.Module, targets, windows: torch.Tensor, ratio: float,
                 window = windows[i][None]
                 ce = model(window, labels=window, use_cache=False).loss
                 loss, kept = training_loss(ce, targets, gammas, seqlen, target_kept, config)
+                meta["calls"] = meta.get("calls", 0) + 1  # the code's epoch_cnt: one per compute_loss call
+                if meta["calls"] % config.save_every == 0 and float(loss.detach()) < meta["best_loss"]:
+                    # the authors' best_gamma.json: this window's total loss, the gammas it was computed with
+                    meta["best_loss"], meta["best_step"] = float(loss.detach()), step + 1
+                    best = gammas.detach().clone()
                 (loss / len(batch)).backward()
                 loss_sum += float(loss.detach()) / len(batch)
                 ce_sum += float(ce.detach()) / len(batch)
@@ -349,9 +355,6 @@ def train_gammas(model: nn.Module, targets, windows: torch.Tensor, ratio: float,
             step += 1
             meta["history"].append({"step": step, "loss": loss_sum, "ce": ce_sum, "kept": float(kept.detach()),
                                     "lr": optimizer.param_groups[0]["lr"]})
-            if step % config.save_every == 0 and loss_sum < meta["best_loss"]:  # the authors' best_gamma.json
-                meta["best_loss"], meta["best_step"] = loss_sum, step
-                best = gammas.detach().clone()
             meta["step"] = step
             meta["seconds"] += time.perf_counter() - started
             started = time.perf_counter()
