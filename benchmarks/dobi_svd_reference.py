@@ -35,7 +35,10 @@ Adaptations (only what transformers 5, the CPU or SmolLM2's shapes force):
    use the same windows, as the code does;
 6. the remapped factors are dequantized (as ``DOBI_dequantize`` does, to
    float16) and their product written back into the dense ``nn.Linear`` so
-   that svdbench evaluates the model as a plain Hugging Face directory.
+   that svdbench evaluates the model as a plain Hugging Face directory;
+7. with fewer windows than one IPCA batch (``Ngamma`` sequences) the code
+   never fits the IPCA (a KeyError in ``change_weight``): the windows that
+   came are fitted once at the end (as dobi_svd does).
 
 Usage: ``python benchmarks/dobi_svd_reference.py --ratios 0.2,0.4 --epochs 1 --train-samples 8 --out /tmp/dobi_ref``, then
 ``svdbench run --model /tmp/dobi_ref/r20 --methods none --tasks wikitext2 --limit 8 --seqlen 2048``.
@@ -386,6 +389,10 @@ def update_and_remap(model, windows, gamma_json, beta):
             model(window[None], use_cache=False)
     for h in hooks:
         h.remove()
+    for name, pending in V_accu_list_dict.items():  # adaptation 7: fewer windows than one IPCA batch
+        if name not in PCA_tensor_dict and pending:
+            V_PCA_dict[name].partial_fit(torch.concatenate(pending, axis=1).T)
+            PCA_tensor_dict[name] = V_PCA_dict[name].components_
 
     weights = {}
     for name, module in linears(model):

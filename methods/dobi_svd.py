@@ -426,6 +426,9 @@ def ipca_bases(model: nn.Module, targets, windows: torch.Tensor, gammas: torch.T
     with torch.no_grad(), Hooks(model, targets, forward):
         for window in windows:
             model(window[None], use_cache=False)
+    for name, pca in pcas.items():  # fewer windows than one IPCA batch (the code then never fits): fit what came
+        if pca.components is None and pending[name]:
+            pca.partial_fit(torch.cat(pending[name], dim=1).T.double())
     return {name: pca.components.T for name, pca in pcas.items()}  # m x k
 
 
