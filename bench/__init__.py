@@ -33,6 +33,7 @@ _API = {
     **dict.fromkeys(('LowRankLinear',), "bench.model.layers"),
     **dict.fromkeys(('QuantizedLayout',), "bench.model.layouts"),
     **dict.fromkeys(('StructuredAttention',), "bench.model.structured"),
+    **dict.fromkeys(('RemappedLinear',), "bench.model.remapped"),
     **dict.fromkeys(('first_nonfinite_module',), "bench.model.numerics"),
     **dict.fromkeys(('linear_function', 'onednn_linear_works', 'onednn_linears'), "bench.model.kernels"),
     **dict.fromkeys(('BITS', 'GPTQ_GROUP_SIZES', 'GPTQ_INSTALL', 'GPTQLinear', 'META_DTYPES', 'QuantizedLinear',

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from bench.model import remap_layout  # noqa: F401 (registers the dobi_remap layout)
 from bench.model.hf_format import FORMAT
 from bench.model.layouts import FLOAT_DTYPES, QUANTIZED_LAYOUTS, ManifestError, check_entry, is_int
 from bench.model.loaded import fingerprint
