@@ -31,6 +31,8 @@ _API = {
     **dict.fromkeys(('EVALUATION_CORPORA', 'checksums', 'data_file', 'evaluation_text'), "bench.corpora"),
     **dict.fromkeys(('UsageError', 'unknown_name'), "bench.errors"),
     **dict.fromkeys(('LowRankLinear',), "bench.model.layers"),
+    **dict.fromkeys(('LatentKVAttention', 'attach_rotary', 'kv_accounting', 'latent_layers'),
+                    "bench.model.latent_attention"),
     **dict.fromkeys(('first_nonfinite_module',), "bench.model.numerics"),
     **dict.fromkeys(('linear_function', 'onednn_linear_works', 'onednn_linears'), "bench.model.kernels"),
     **dict.fromkeys(('BITS', 'GPTQ_GROUP_SIZES', 'GPTQ_INSTALL', 'GPTQLinear', 'META_DTYPES', 'QuantizedLinear',

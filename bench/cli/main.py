@@ -72,6 +72,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                      help="comma-separated method names, 'all' for every registered method, 'none' for only the dense model")
     run.add_argument("--ratios", default=SUPPRESS,
                      help="fractions of parameters removed, e.g. 0.2,0.4,0.6 (default; none when --budgets is given)")
+    run.add_argument("--kv-ratios", dest="kv_ratios", default=SUPPRESS,
+                     help="fractions of KV-cache bytes removed, e.g. 0.3,0.5, for methods that compress the KV cache "
+                          "(palu); weight methods use --ratios (none by default when only --kv-ratios is given)")
     run.add_argument("--budgets", default=SUPPRESS,
                      help="memory budgets: bytes (300MB, 250MiB, 3.1e8B) or fractions of the dense bytes (0.9,0.75); "
                           "each method is compressed at the smallest ratio that fits")
