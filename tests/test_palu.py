@@ -159,3 +159,32 @@ def test_latent_attention_module_has_no_dense_k_or_v(tmp_path):
     assert isinstance(layer, LatentKVAttention)
     names = {n for n, _ in layer.named_parameters()}
     assert not any(n.startswith(("k_proj", "v_proj")) for n in names)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_saved_palu_model_reloads_with_the_same_loss_and_latent_cache(family, tmp_path, tokenizer):
+    from bench.model.saving import load_compressed, save_compressed
+
+    model = tiny_model(family, layers=2, vocab_size=len(tokenizer))
+    targets, windows, stats = tiny_stats(model, tmp_path)
+    _, _, compressed = compress(model, targets, stats, windows, 0.5, {"group_size": "2"})
+    save_compressed(compressed.model, tokenizer, tmp_path / "m", {"method": "palu", "ratio": 0.5})
+    loaded = load_compressed(tmp_path / "m").model
+    assert len(latent_layers(loaded)) == 2
+    with torch.no_grad():
+        before = compressed.model(windows, labels=windows).loss
+        after = loaded(windows, labels=windows).loss
+    assert float(before) == float(after)
+    prompt = windows[:1, :8]
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False),
+                       compressed.model.generate(prompt, max_new_tokens=8, do_sample=False))
+
+
+def test_kv_ratios_in_the_run_config_and_the_plan():
+    from bench.engine.config import resolve_config
+    from bench.errors import UsageError
+
+    config = resolve_config(None, {"methods": ["palu"], "kv_ratios": "0.3,0.5"})
+    assert config.kv_ratios == (0.3, 0.5) and config.ratios == ()
+    with pytest.raises(UsageError):
+        resolve_config(None, {"methods": ["palu"], "kv_ratios": "1.5"})

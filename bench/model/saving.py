@@ -52,6 +52,7 @@ from torch import nn
 
 from bench.errors import UsageError
 from bench.model.hf_format import FINGERPRINT, FORMAT, write_config
+from bench.model.latent_saving import latent_layout, rebuild_latent, validate_latent_layout
 from bench.model.layers import LowRankLinear
 from bench.model.loaded import LoadedModel, fingerprint
 from bench.model.prepare import prepare_model
@@ -359,6 +360,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
                 tmp.mkdir()
                 ranks, quantized = compressed_layout(model)
                 shared = shared_modules(model)  # saved once (below: each storage once), tied again on load
+                latent = latent_layout(model)  # latent-KV attention (palu), rebuilt before loading
                 dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
                 write_config(model.config, tmp, ranks, quantized, dtype, shared)  # svdbench's quantization_config
                 if tokenizer is not None:
@@ -366,7 +368,8 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
                 weights = fingerprint(model)
                 save_file(_unique_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})
             full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"), "dtype": dtype,
-                    "ranks": ranks, "quantized": quantized, "fingerprint": weights, **({"shared": shared} if shared else {})}
+                    "ranks": ranks, "quantized": quantized, "fingerprint": weights, **({"shared": shared} if shared else {}),
+                    **({"latent_attention": latent} if latent else {})}
             atomic_write_text(tmp / CARD, render_card(json.loads(json.dumps(full, default=str))))
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             full.update({"weights": {WEIGHTS: files[WEIGHTS]}, "files": files})
@@ -415,6 +418,8 @@ def validate_manifest(path: Path, manifest) -> dict:
     _check(WEIGHTS in files and "config.json" in files, where, f"files must list {WEIGHTS} and config.json")
     _check(manifest["weights"] == {WEIGHTS: files[WEIGHTS]}, where, f"weights must be {{{WEIGHTS!r}: its checksum}}")
     validate_layout(manifest, where)
+    if "latent_attention" in manifest:
+        validate_latent_layout(manifest["latent_attention"], where)
     return manifest
 
 
@@ -474,6 +479,7 @@ def rebuild(model: nn.Module, manifest: dict, where: str, dtype: torch.dtype | N
                f"rank {rank} of {name} exceeds its {dense.out_features} x {dense.in_features} matrix")
         set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None,
                                               dtype=dtype))
+    rebuild_latent(model, manifest.get("latent_attention", {}), where, dtype)
     try:
         tie_modules(model, shared)
     except ValueError as error:
