@@ -31,6 +31,7 @@ import pandas as pd
 from bench import DENSE, format_budget
 from reports import stats
 from reports.format import Table, fmt
+from reports.kv import kv_table
 from reports.records import (
     QUALITY_KINDS,
     ablation_components,
@@ -622,7 +623,7 @@ def methods_table(data: dict, df: pd.DataFrame) -> Table | None:
 
 
 TABLE_BUILDERS = (main_table, zeroshot_table, ablation_table, allocation_table, budget_table, quantization_table,
-                  throughput_table, methods_table)
+                  throughput_table, kv_table, methods_table)
 
 
 def build_tables(data: dict) -> list[Table]:

@@ -188,3 +188,28 @@ def test_kv_ratios_in_the_run_config_and_the_plan():
     assert config.kv_ratios == (0.3, 0.5) and config.ratios == ()
     with pytest.raises(UsageError):
         resolve_config(None, {"methods": ["palu"], "kv_ratios": "1.5"})
+
+
+@pytest.mark.slow
+def test_cli_run_with_kv_ratios_records_them_and_reports_the_kv_table(checkpoint_dir, tmp_path):
+    from bench import DENSE, load_results
+    from bench.cli import main
+    from reports.tables import build_tables
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "palu_plugin.py").write_text("from methods.palu import register_methods, register_statistics  "
+                                            "# noqa: F401\n")
+    out = tmp_path / "out"
+    assert main(["--plugins-dir", str(plugins), "run", "--model", str(checkpoint_dir), "--methods", "palu",
+                 "--kv-ratios", "0.5", "--tasks", "wikitext2,throughput_quick", "--limit", "1", "--seqlen", "32",
+                 "--calib-samples", "4", "--calib-seqlen", "64", "--out", str(out)]) == 0
+    data = load_results(out)
+    assert not data["failures"], data["failures"]
+    palu_records = [r for r in data["records"] if r["method"] == "palu"]
+    assert palu_records and all(r["ratio"] == 0.5 and r["accounting"]["kv_ratio"] == 0.5 for r in palu_records)
+    kv = {r["method"]: r["value"] for r in data["records"] if r["metric"] == "kv_cache_mb"}
+    assert kv["palu"] == pytest.approx(kv[DENSE] * 0.5, rel=1e-6)  # 3 layers x 2 heads x 16: exact at 0.5
+    table = next(t for t in build_tables(data) if t.name == "kv_cache")
+    assert [row[0] for row in table.rows] == [DENSE, "palu"]
+    assert table.rows[1][2] == pytest.approx(0.5)
