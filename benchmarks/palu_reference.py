@@ -199,7 +199,7 @@ def main() -> None:
     register_tasks(lambda task: tasks.setdefault(task.name, task))
     loaded = load_model("smollm2-135m")
     windows = calibration_batches(loaded.tokenizer, CalibrationConfig(samples=32, seqlen=512, seed=3))
-    base = loaded.model.float().eval()
+    base = loaded.model.eval()
     fisher = calib_fisher_info(base, windows)
     scaling = get_whiten_scale_matrix(base, windows)
     settings = EvalSettings(seqlen=args.seqlen, limit=args.limit)

@@ -213,3 +213,24 @@ def test_cli_run_with_kv_ratios_records_them_and_reports_the_kv_table(checkpoint
     table = next(t for t in build_tables(data) if t.name == "kv_cache")
     assert [row[0] for row in table.rows] == [DENSE, "palu"]
     assert table.rows[1][2] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_smollm2_at_half_the_kv_cache_holds_half_the_bytes_and_decodes_like_rebuilding(smollm2, tmp_path):
+    model = smollm2.model
+    targets = find_targets(model)
+    windows = torch.randint(0, 49152, (2, 128), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(model, smollm2.identity, targets, windows, CalibrationConfig(samples=2, seqlen=128),
+                               [load_registry().get("statistic", "gram"), PaluFisher()],
+                               cache=StatisticsStore(tmp_path / "stats"))
+    method, context, compressed = compress(model, targets, stats, windows, 0.5)
+    assert compressed.summary["kv_ratio_achieved"] == pytest.approx(0.5)  # 30 x 2 x 192 x 0.5 is a multiple of 3
+    prompt = windows[:1, :16].repeat(1, 64)  # 1024 tokens
+    _, _, dense_bytes = generate_timed(model, prompt, 2)
+    _, _, latent_bytes = generate_timed(compressed.model, prompt, 2)
+    assert latent_bytes <= 0.52 * dense_bytes
+    rebuilt = rebuilt_model(model, method, context, 0.5)
+    short = windows[:1, :32]
+    assert torch.equal(compressed.model.generate(short, max_new_tokens=12, do_sample=False),
+                       rebuilt.generate(short, max_new_tokens=12, do_sample=False))

@@ -74,6 +74,11 @@ class LatentKVAttention(nn.Module):
 
         ``k_down``/``v_down``: ``G r x n`` (group-major rows); ``k_up``/``v_up``: ``G x g d_h x r``.
         """
+        unsupported = [key for key in ("q_norm", "k_norm", "sliding_window", "attn_logit_softcapping")
+                       if getattr(attention, key, None) is not None]
+        if unsupported:  # computed by the original attention and not by this one: refuse rather than differ
+            raise ValueError(f"latent KV attention supports Llama-style attention only; this one has "
+                             f"{', '.join(unsupported)}")
         q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
         d = attention.head_dim
         heads, kv_heads = q.out_features // d, k.out_features // d
