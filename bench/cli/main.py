@@ -106,8 +106,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                                                "(safetensors + svdbench.json)")
     compress.add_argument("--model", default=SUPPRESS, help="smollm2-135m (default), a Hugging Face model directory or a .gguf file")
     compress.add_argument("--method", required=True, help="a method name (see svdbench plugins)")
-    compress.add_argument("--ratio", default=None, help="fraction of parameters removed, e.g. 0.4 (not for a "
-                          "quantize-only method such as hqq or gptq)")
+    compress.add_argument("--ratio", default=None, help="fraction of parameters removed, e.g. 0.4 (for a KV method such "
+                          "as palu: of KV-cache bytes; not for a quantize-only method such as hqq or gptq)")
     compress.add_argument("--out", required=True, help="directory to write (new or empty); load it back with --model DIR")
     compress.add_argument("--force", action="store_true",
                           help="replace --out when it already holds a model saved by svdbench")

@@ -134,6 +134,22 @@ class LatentKVAttention(nn.Module):
             keys = keys + self.k_bias.view(1, self.kv_heads, 1, self.head_dim)
         return keys
 
+    def key_rotary(self, keys: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions 0 .. length-1 (batch x length x d_h), shared by the layers of one decoding step
+        (one entry kept on the rotary module; not when compiling, where the graph computes it)."""
+        b = keys.shape[0]
+        key = (length, b, keys.device, keys.dtype)
+        memo = None if torch.compiler.is_compiling() else self.rotary.__dict__.setdefault("_latent_kv_memo", {})
+        if memo is not None and key in memo:
+            return memo[key]
+        positions = torch.arange(length, device=keys.device)[None].expand(b, -1)
+        k_cos, k_sin = self.rotary(keys, positions)
+        found = (k_cos.to(keys.dtype), k_sin.to(keys.dtype))
+        if memo is not None:
+            memo.clear()
+            memo[key] = found
+        return found
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -150,12 +166,10 @@ class LatentKVAttention(nn.Module):
             h_k, h_v = cache.update(h_k, h_v, self.layer_idx, kwargs=kwargs)
         length = h_k.shape[-2]
         keys = self.rebuilt_keys(h_k)
-        if length == t and cache is None:
+        if length == t:  # nothing cached before: the keys are the queries' positions
             keys = _rope(keys, cos, sin)
         else:  # cached positions 0 .. T-1
-            positions = torch.arange(length, device=keys.device)[None].expand(b, -1)
-            k_cos, k_sin = self.rotary(keys, positions)
-            keys = _rope(keys, k_cos.to(keys.dtype), k_sin.to(keys.dtype))
+            keys = _rope(keys, *self.key_rotary(keys, length))
         values = h_v if self.group_size == 1 else h_v.repeat_interleave(self.group_size, dim=1)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = interface(self, query, keys, values, attention_mask,
