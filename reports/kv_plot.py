@@ -1,4 +1,7 @@
-"""Perplexity against KV-cache bytes per token: the KV-cache table's rows as a plot (no method named here)."""
+"""Perplexity against KV-cache bytes per token: the KV-cache table's rows as a plot (no method named here).
+
+Standalone (it does not import :mod:`reports.plots`, which calls it: no import circle).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ def perplexity_vs_kv_bytes(data: dict, path: Path, styles: dict | None = None) -
     columns = [i for i, h in enumerate(table.header) if h.endswith("perplexity ↓")]
     if not columns:
         return None
-    from reports.plots import _pyplot, _save, _subtitle
+    import matplotlib
 
-    plt = _pyplot()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4), squeeze=False)
     kib = table.header.index("KV MiB / 1k tokens")
     for ax, column in zip(axes[0], columns):
@@ -34,5 +39,8 @@ def perplexity_vs_kv_bytes(data: dict, path: Path, styles: dict | None = None) -
         ax.set_ylabel(table.header[column].removesuffix(" ↓") + " (lower is better)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Perplexity vs KV-cache bytes - {_subtitle(data)}", fontsize=9)
-    return _save(fig, path)
+    model = (data.get("manifest", {}).get("config", {}) or {}).get("model", "")
+    fig.suptitle(f"Perplexity vs KV-cache bytes - {model}", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
