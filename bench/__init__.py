@@ -34,6 +34,8 @@ _API = {
     **dict.fromkeys(('QuantizedLayout',), "bench.model.layouts"),
     **dict.fromkeys(('StructuredAttention',), "bench.model.structured"),
     **dict.fromkeys(('RemappedLinear',), "bench.model.remapped"),
+    **dict.fromkeys(('LatentKVAttention', 'attach_rotary', 'kv_accounting', 'latent_layers'),
+                    "bench.model.latent_attention"),
     **dict.fromkeys(('first_nonfinite_module',), "bench.model.numerics"),
     **dict.fromkeys(('linear_function', 'onednn_linear_works', 'onednn_linears'), "bench.model.kernels"),
     **dict.fromkeys(('BITS', 'GPTQ_GROUP_SIZES', 'GPTQ_INSTALL', 'GPTQLinear', 'META_DTYPES', 'QuantizedLinear',

@@ -289,10 +289,13 @@ def throughput_speedup(data: dict, path: Path, styles: dict | None = None) -> Pa
 
 def write_plots(data: dict, out_dir: Path | str, with_published: bool = False) -> list[Path]:
     """Every plot the records support, as PNG files in ``out_dir``; returns their paths."""
+    from reports.kv_plot import perplexity_vs_kv_bytes
+
     out_dir = Path(out_dir)
     styles = all_styles(data, with_published)
     made = [perplexity_vs_ratio(data, out_dir / "perplexity_vs_ratio.png", with_published, styles),
             accuracy_vs_ratio(data, out_dir / "accuracy_vs_ratio.png", styles),
             perplexity_vs_bytes(data, out_dir / "perplexity_vs_bytes.png", styles),
-            throughput_speedup(data, out_dir / "throughput_speedup.png", styles)]
+            throughput_speedup(data, out_dir / "throughput_speedup.png", styles),
+            perplexity_vs_kv_bytes(data, out_dir / "perplexity_vs_kv_bytes.png", styles)]
     return [path for path in made if path is not None]

@@ -31,6 +31,7 @@ import pandas as pd
 from bench import DENSE, format_budget
 from reports import stats
 from reports.format import Table, fmt
+from reports.kv import kv_table
 from reports.records import (
     QUALITY_KINDS,
     ablation_components,
@@ -667,8 +668,8 @@ def methods_table(data: dict, df: pd.DataFrame) -> Table | None:
                  percent=())
 
 
-TABLE_BUILDERS = (main_table, zeroshot_table, ablation_table, allocation_table, block_allocation_table, budget_table, quantization_table,
-                  throughput_table, methods_table)
+TABLE_BUILDERS = (main_table, zeroshot_table, ablation_table, allocation_table, block_allocation_table, budget_table,
+                  quantization_table, throughput_table, kv_table, methods_table)
 
 
 def build_tables(data: dict) -> list[Table]:

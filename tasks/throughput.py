@@ -113,7 +113,7 @@ class Grid:
         return [(b, p, g) for b in self.batch_sizes for p in self.prompt_lengths for g in self.decode_lengths]
 
 
-CPU_GRID = Grid()
+CPU_GRID = Grid(prompt_lengths=(128, 512, 1024))  # 1024: where a KV-cache method's cache shows
 QUICK_GRID = Grid(batch_sizes=(1,), prompt_lengths=(128,), decode_lengths=(16,), repeats=5, warmup=1, paths=("eager",))
 V2_GRID = Grid(batch_sizes=(4,), prompt_lengths=(1024,), decode_lengths=(256,), repeats=3, warmup=1)
 

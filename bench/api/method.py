@@ -129,6 +129,9 @@ class Method:
     needs_calibration_data: ClassVar[bool] = False  # calibration windows without statistics
     # False: the method removes no parameters (plain quantization): it is evaluated once per run, at ratio 0
     uses_ratio: ClassVar[bool] = True
+    # What ``ratio`` is a fraction of: "weights" (parameters, --ratios) or "kv_cache" (KV-cache bytes removed,
+    # --kv-ratios; the method changes the attention's cache, e.g. Palu's latents).
+    compresses: ClassVar[str] = "weights"
     # How the method is built, for the ablation table (SVD-LLM Table 4), e.g.
     # {"transform": "whitening", "update": "yes"}; empty: not part of it.
     components: ClassVar[dict[str, str]] = {}
@@ -199,7 +202,7 @@ class Method:
     def describe(self) -> dict:
         """What reports need to know about this configured method (recorded in the run manifest)."""
         info: dict = {"description": self.description, "config": self.settings(),
-                      "uses_ratio": self.uses_ratio, "bits": self.storage_bits()}
+                      "uses_ratio": self.uses_ratio, "bits": self.storage_bits(), "compresses": self.compresses}
         if self.components:
             info["components"] = dict(self.components)
         if self.notes is not None:

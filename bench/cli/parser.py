@@ -52,6 +52,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                      help="comma-separated method names, 'all' for every registered method, 'none' for only the dense model")
     run.add_argument("--ratios", default=SUPPRESS,
                      help="fractions of parameters removed, e.g. 0.2,0.4,0.6 (default; none when --budgets is given)")
+    run.add_argument("--kv-ratios", dest="kv_ratios", default=SUPPRESS,
+                     help="fractions of KV-cache bytes removed, e.g. 0.3,0.5, for methods that compress the KV cache "
+                          "(palu); weight methods use --ratios (none by default when only --kv-ratios is given)")
     run.add_argument("--budgets", default=SUPPRESS,
                      help="memory budgets: bytes (300MB, 250MiB, 3.1e8B) or fractions of the dense bytes (0.9,0.75); "
                           "each method is compressed at the smallest ratio that fits")
@@ -83,8 +86,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                                                "(safetensors + svdbench.json)")
     compress.add_argument("--model", default=SUPPRESS, help="smollm2-135m (default), a Hugging Face model directory or a .gguf file")
     compress.add_argument("--method", required=True, help="a method name (see svdbench plugins)")
-    compress.add_argument("--ratio", default=None, help="fraction of parameters removed, e.g. 0.4 (not for a "
-                          "quantize-only method such as hqq or gptq)")
+    compress.add_argument("--ratio", default=None, help="fraction of parameters removed, e.g. 0.4 (for a KV method such "
+                          "as palu: of KV-cache bytes; not for a quantize-only method such as hqq or gptq)")
     compress.add_argument("--out", required=True, help="directory to write (new or empty); load it back with --model DIR")
     compress.add_argument("--force", action="store_true",
                           help="replace --out when it already holds a model saved by svdbench")

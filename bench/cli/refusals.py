@@ -16,5 +16,7 @@ def compress_ratio(registry, method: str, ratio: str | None) -> float:
                              "parameters; drop --ratio")
         return 0.0
     if ratio is None:
-        raise UsageError(f"{method} needs --ratio, the fraction of parameters removed, e.g. --ratio 0.4")
+        what = ("KV-cache bytes" if getattr(registry.get("method", method), "compresses", "weights") == "kv_cache"
+                else "parameters")
+        raise UsageError(f"{method} needs --ratio, the fraction of {what} removed, e.g. --ratio 0.4")
     return coerce_value(float, ratio, "--ratio")

@@ -22,6 +22,7 @@ from bench.api.method import Allocation, Context, Method
 from bench.engine.grouped import shared_groups, shared_plan, tie_shared
 from bench.errors import UsageError
 from bench.model.checkpoint import Checkpoint, build_from_checkpoint
+from bench.model.latent_attention import kv_summary
 from bench.model.layers import LowRankLinear
 from bench.model.loading import place_model
 from bench.model.targets import Target, footprint, set_module
@@ -187,4 +188,6 @@ def build_compressed(method: Method, ratio: float, factorizations: Mapping[str, 
         if refined:
             facts["refine"] = refined
         layers = resized_layers(model, layers)
-    return Compressed(model, ratio, layers, accounting(model, layers, dense_footprint), facts)
+    summary = accounting(model, layers, dense_footprint)
+    summary.update(kv_summary(model, ratio if method.compresses == "kv_cache" else None))
+    return Compressed(model, ratio, layers, summary, facts)

@@ -70,6 +70,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     methods: tuple[str, ...] = ("svd",)
     ratios: tuple[float, ...] = (0.2, 0.4, 0.6)
+    kv_ratios: tuple[float, ...] = ()  # fractions of KV-cache bytes removed (methods with compresses="kv_cache")
     budgets: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ("wikitext2",)
     seqlen: int = 2048
@@ -83,7 +84,7 @@ class RunConfig:
     out: str = "runs/latest"
 
     def __post_init__(self):
-        for name in ("methods", "ratios", "tasks"):  # a repeated value is one cell, not two
+        for name in ("methods", "ratios", "kv_ratios", "tasks"):  # a repeated value is one cell, not two
             object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         budgets: dict = {}
         for spec in self.budgets:  # by value: 0.9 and 0.90, 300MB and 300000000B are one budget
@@ -93,6 +94,10 @@ class RunConfig:
             if not 0.0 < ratio < 1.0:
                 raise UsageError(f"ratio {ratio} is outside (0, 1); give the fraction of parameters to remove, "
                                  "e.g. --ratios 0.2,0.4")
+        for ratio in self.kv_ratios:
+            if not 0.0 < ratio < 1.0:
+                raise UsageError(f"KV ratio {ratio} is outside (0, 1); give the fraction of KV-cache bytes to remove, "
+                                 "e.g. --kv-ratios 0.3,0.5")
         if self.seqlen < 2:
             raise UsageError("--seqlen must be at least 2")
         if self.limit is not None and self.limit < 1:
@@ -105,7 +110,7 @@ class RunConfig:
             raise UsageError("--methods is empty; give method names, 'all' or 'none'")
         if not self.tasks:
             raise UsageError("--tasks is empty; give task names, e.g. --tasks wikitext2")
-        if not self.ratios and not self.budgets and list(self.methods) != ["none"]:
+        if not self.ratios and not self.kv_ratios and not self.budgets and list(self.methods) != ["none"]:
             raise UsageError("--ratios is empty and no --budgets are given, so no method would run; "
                              "give ratios, e.g. --ratios 0.2,0.4, or --methods none for only the dense model")
         if not isinstance(self.method_options, dict) or not all(
@@ -245,6 +250,6 @@ def resolve_config(profile: str | None, explicit: dict) -> RunConfig:
         raise UsageError(f"profile {profile!r} sets {unknown[0]!r}, which is not a run setting "
                          f"(settings: {', '.join(f.name for f in dataclasses.fields(RunConfig))})")
     values = _merge(values, explicit)
-    if values.get("budgets") and "ratios" not in values:
+    if (values.get("budgets") or values.get("kv_ratios")) and "ratios" not in values:
         values["ratios"] = []
     return RunConfig.from_dict(values)

@@ -201,10 +201,14 @@ def make_plan(config: RunConfig, registry: Registry, model_identity: str, dense_
         for name in members:
             method = methods[name]
             ratios = list(config.ratios) if method.uses_ratio else ([0.0] if config.ratios else [])
-            for ratio in ratios:
+            kv = method.compresses == "kv_cache"
+            if kv and not config.kv_ratios and name in config.methods:  # under 'all': no cells
+                raise UsageError(f"{name} compresses the KV cache: give --kv-ratios (fractions of KV-cache bytes "
+                                 "removed, e.g. --kv-ratios 0.3,0.5), not --ratios")
+            for ratio in (list(config.kv_ratios) if kv else ratios):
                 cells += [Cell(name, task, cell_key(config, registry, model_identity, method, task, ratio=ratio),
                                ratio=ratio) for task in config.tasks]
-            for spec in config.budgets:
+            for spec in ([] if kv else config.budgets):
                 size = budget_bytes(spec, dense_bytes)
                 cells += [Cell(name, task, cell_key(config, registry, model_identity, method, task,
                                                     budget_in_bytes=size), budget=spec) for task in config.tasks]

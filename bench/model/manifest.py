@@ -20,6 +20,7 @@ from torch import nn
 
 from bench.model import remap_layout  # noqa: F401 (registers the dobi_remap layout)
 from bench.model.hf_format import FORMAT
+from bench.model.latent_saving import validate_latent_layout
 from bench.model.layouts import FLOAT_DTYPES, QUANTIZED_LAYOUTS, ManifestError, check_entry, is_int
 from bench.model.loaded import fingerprint
 from bench.model.shared import layout_error
@@ -85,6 +86,8 @@ def validate_manifest(path: Path, manifest) -> dict:
     check_entry(WEIGHTS in files and "config.json" in files, where, f"files must list {WEIGHTS} and config.json")
     check_entry(manifest["weights"] == {WEIGHTS: files[WEIGHTS]}, where, f"weights must be {{{WEIGHTS!r}: its checksum}}")
     validate_layout(manifest, where)
+    if "latent_attention" in manifest:
+        validate_latent_layout(manifest["latent_attention"], where)
     return manifest
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.model.latent_saving import rebuild_latent
 from bench.model.layers import LowRankLinear
 from bench.model.layouts import QUANTIZED_LAYOUTS, ManifestError, check_entry
 from bench.model.loaded import LoadedModel, fingerprint
@@ -64,6 +65,7 @@ def rebuild(model: nn.Module, manifest: dict, where: str, dtype: torch.dtype | N
                f"rank {rank} of {name} exceeds its {dense.out_features} x {dense.in_features} matrix")
         set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None,
                                               dtype=dtype))
+    rebuild_latent(model, manifest.get("latent_attention", {}), where, dtype)
     try:
         tie_modules(model, shared)
     except ValueError as error:

@@ -44,6 +44,7 @@ from bench.disk import guarded, make_dir
 from bench.errors import UsageError
 from bench.locks import entry_lock
 from bench.model.hf_format import FINGERPRINT, FORMAT, write_config
+from bench.model.latent_saving import latent_layout
 from bench.model.layers import LowRankLinear
 from bench.model.layouts import QUANTIZED_LAYOUTS
 from bench.model.loaded import fingerprint
@@ -144,9 +145,11 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
                 weights = fingerprint(model)
                 save_file(_unique_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", FINGERPRINT: weights})
             structured = structured_layout(model)  # MoDeGPT's smaller layers: per-layer shapes
+            latent = latent_layout(model)  # latent-KV attention (palu), rebuilt before loading
             full = {**manifest, "format": FORMAT, "svdbench_version": version("svdbench"), "dtype": dtype,
                     "ranks": ranks, "quantized": quantized, "fingerprint": weights, **({"shared": shared} if shared else {}),
-                    **({"structured": structured} if structured else {})}
+                    **({"structured": structured} if structured else {}),
+                    **({"latent_attention": latent} if latent else {})}
             atomic_write_text(tmp / CARD, render_card(json.loads(json.dumps(full, default=str))))
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             full.update({"weights": {WEIGHTS: files[WEIGHTS]}, "files": files})
