@@ -47,7 +47,7 @@ def _setup(method, model):
 
 
 def _bytes_at(method, ratio, targets, context, config, factorizations, refine=False):
-    model, _ = compress_model(context.model, targets, factorizations, method.allocate(ratio, factorizations, context, config))
+    model, _ = compress_model(context.model, targets, factorizations, method.allocate(ratio, factorizations, context, config).ranks)
     if refine:
         method.refine(model, ratio, context, config)
     return footprint(model)["bytes"]
