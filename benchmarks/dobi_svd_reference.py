@@ -54,6 +54,7 @@ import time
 
 import torch
 import torch.nn as nn
+from reference_io import save
 
 from bench.engine.calibration import calibration_batches
 from bench.engine.config import CalibrationConfig
@@ -410,15 +411,6 @@ def update_and_remap(model, windows, gamma_json, beta):
     return weights
 
 
-def save(model, tokenizer, weights: dict, out: str) -> None:
-    from transformers import AutoModelForCausalLM
-
-    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    state = model.state_dict()
-    state.update({f"{key}.weight": w.to(torch.float32) for key, w in weights.items()})
-    fresh.load_state_dict(state)
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ import argparse
 import json
 
 import torch
+from reference_io import save
 from torch.nn.functional import softmax
 
 from bench.engine.calibration import calibration_batches
@@ -236,15 +237,6 @@ def compress(model, stats, ratio: float, smoothing=0.15, max_sparsity=0.8, nystr
     return {"weights": weights, "dims": dims, "bi": bi, "block_params_dense": dense, "block_params": kept}
 
 
-def save(model, tokenizer, weights: dict, out: str) -> None:
-    from transformers import AutoModelForCausalLM
-
-    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    state = model.state_dict()
-    state.update({f"{key}.weight": w.to(torch.float32) for key, w in weights.items()})
-    fresh.load_state_dict(state)
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from reference_io import save
 from torch import nn
 
 from bench.engine.calibration import calibration_batches
@@ -272,17 +273,6 @@ def compress(found: dict, ratio: float, keep_rank_ratio: float) -> dict:
             "kept_params": kept, "dense_params": dense_total}
 
 
-def save(model, tokenizer, weights: dict, out: str) -> None:
-    """The model with ``weights`` in place, rebuilt from its config (save_pretrained refuses GGUF-loaded
-    models, as in svdbench's own conversion)."""
-    from transformers import AutoModelForCausalLM
-
-    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    state = model.state_dict()
-    state.update({f"{key}.weight": w.to(torch.float32) for key, w in weights.items()})
-    fresh.load_state_dict(state)
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def main() -> None:
