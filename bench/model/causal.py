@@ -65,6 +65,9 @@ def check_causal(model: torch.nn.Module) -> None:
                     architecture(config or {}), type(error).__name__, str(error).strip()[:200])
         return
     earlier = logits[:, :-1]
+    if not torch.isfinite(earlier).all():  # NaN/inf weights: the run's NaN checks name the layer, not this probe
+        log.warning("could not check that %s is causal: its logits are not finite", architecture(config or {}))
+        return
     scale = earlier.abs().max().item()
     change = (earlier[0] - earlier[1]).abs().max().item()
     if not change <= TOLERANCE * max(scale, 1e-30):
