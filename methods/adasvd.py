@@ -212,11 +212,6 @@ def adacr_kept(importance: dict[int, float], trr: float, gap: float) -> dict[int
     return {b: min(1.0, max(0.0, mrr + (i / mean if mean > 0 else 1.0) * (trr - mrr))) for b, i in importance.items()}
 
 
-def block_path(target) -> str:
-    """The module path of the decoder block holding ``target``, the key of block statistics."""
-    return target.name.removesuffix("." + target.kind)
-
-
 class AdaSVD(SVDLLMWhitening):
     name = "adasvd"
     description = "AdaSVD: SVD-LLM whitening, adaComp (alternating U/V least squares on compressed-model inputs), adaCR"
@@ -259,7 +254,7 @@ class AdaSVD(SVDLLMWhitening):
             return Allocation(uniform_ranks(context.targets, ratio))
         costs = matrix_costs(context.targets)
         budget = Budget.uniform(costs, ratio)
-        blocks = {t.block: block_path(t) for t in context.targets}
+        blocks = {t.block: t.block_path for t in context.targets}
         importance = {b: float(context.stats.get("block_importance", path).sum()) for b, path in blocks.items()}
         kept = adacr_kept(importance, 1 - ratio, config.mrr_gap)
         weights = {t.name: kept[t.block] * costs[t.name].dense / costs[t.name].per_rank for t in context.targets}

@@ -134,11 +134,6 @@ def layer_kept_fractions(scores: dict[int, float], params: dict[int, int], targe
     return kept((lo + hi) / 2)
 
 
-def block_path(target: Target) -> str:
-    """The module path of the decoder block holding ``target`` (``model.layers.3``), the key of block statistics."""
-    return target.name.removesuffix("." + target.kind)
-
-
 class DipSVD(Method):
     name = "dipsvd"
     description = "DipSVD: channel-protected whitening (D G D) and importance x compressibility layer ratios"
@@ -178,7 +173,7 @@ class DipSVD(Method):
         for block, members in blocks.items():
             importance = sum(float(context.stats.get("grad_norm", t.name).sum()) / float(context.weight(t).double().norm())
                              for t in members)
-            rank = effective_rank(context.stats.get("hidden_gram", block_path(members[0])), config.energy)
+            rank = effective_rank(context.stats.get("hidden_gram", members[0].block_path), config.energy)
             scores[block] = importance ** config.importance_exponent * rank ** (1 - config.importance_exponent)
         return scores
 

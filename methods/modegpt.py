@@ -278,10 +278,6 @@ def svd_vo(w_v, w_o, c_x: torch.Tensor, heads: int, kv_heads: int, head_dim: int
 
 # --------------------------------------------------------------------------- the method
 
-def block_path(target) -> str:
-    return target.name.removesuffix("." + target.kind)
-
-
 class MoDeGPT(Method):
     name = "modegpt"
     description = "MoDeGPT: Nystrom MLP, CR query-key, SVD value-output per head; smaller layers, global allocation"
@@ -337,7 +333,7 @@ def _blocks(targets) -> dict[int, str]:
         if missing:
             raise UsageError(f"modegpt needs every q/k/v/o and gate/up/down linear of a block as targets; block "
                              f"{index} lacks {', '.join(missing)}")
-        out[index] = block_path(kinds[MLP[0]])
+        out[index] = kinds[MLP[0]].block_path
     return out
 
 

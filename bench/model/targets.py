@@ -34,6 +34,11 @@ class Target:
     def params(self) -> int:
         return self.out_features * self.in_features + (self.out_features if self.bias else 0)
 
+    @property
+    def block_path(self) -> str:
+        """The module path of the decoder block holding this linear (``model.layers.3``): block statistics' key."""
+        return self.name.removesuffix("." + self.kind)
+
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's decoder blocks: the longest ModuleList of same-type modules holding linears, not counting lists
