@@ -9,7 +9,6 @@ where it cannot mount a tiny tmpfs).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 import shutil
@@ -24,7 +23,6 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-log = logging.getLogger(__name__)
 
 
 DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
